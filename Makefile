@@ -1,0 +1,31 @@
+# The two commands of the README: `make run` and `make test`. Both create and use .venv in the repo root.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Offline GPT-2 tokenizer files when the project sits beside the shared folder (tests, CI).
+SHARED_TIKTOKEN := $(abspath ../shared/tiktoken_cache)
+ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
+endif
+
+.PHONY: install run test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PYTHON) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/scratchllm demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(PYTHON) bench/bench_speed.py

@@ -1,0 +1,1 @@
+"""ScratchLLM's FastAPI service: corpora, jobs, checkpoints, deployments and inference."""

@@ -1,0 +1,103 @@
+"""The GPT: token + learned position embeddings, pre-LayerNorm blocks, a final LayerNorm, tied LM head."""
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import CausalSelfAttention
+from model.config import GPTConfig
+from model.kv_cache import KVCache
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, write=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, write)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None,
+                      slots: Tensor | None = None) -> Tensor:
+        """Final-LayerNorm hidden states [B, T, C] of token ids idx [B, T].
+
+        With a cache, idx continues each row's cached sequence (rows are slots 0..B-1, or `slots`).
+        """
+        B, T = idx.shape
+        if cache is None:
+            if self.config.context_length < T:
+                raise ValueError(f"sequence of {T} tokens exceeds the context length "
+                                 f"{self.config.context_length}")
+            x = self.wte(idx) + self.wpe.weight[:T]
+            write = None
+        else:
+            write = cache.plan(T, slots)
+            if write.key_length > self.config.context_length:
+                raise ValueError(f"sequence of {write.key_length} tokens exceeds the context length "
+                                 f"{self.config.context_length}")
+            pos = self.wpe.weight[write.start: write.start + T] if write.start is not None \
+                else self.wpe(write.positions)
+            x = self.wte(idx) + pos
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, write)
+        if cache is not None:
+            cache.commit(write, T)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, T, vocab_size] and, with targets [B, T] (-100 = ignored), the mean loss."""
+        logits = F.linear(self.hidden_states(idx), self.wte.weight)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, n_slots: int, max_length: int | None = None) -> KVCache:
+        c = self.config
+        weight = self.wte.weight
+        return KVCache(c.n_layer, n_slots, c.n_head, max_length or c.context_length, c.head_dim,
+                       device=weight.device, dtype=weight.dtype)

@@ -1,0 +1,1 @@
+"""ScratchLLM's Celery worker: runs training jobs with the model library."""
