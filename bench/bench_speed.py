@@ -100,7 +100,7 @@ def main() -> None:
           f"reference {train_ref:7.1f} tokens/s, ratio {train_ours / train_ref:.2f}x, "
           f"ours at {train_ours / train_ceiling:.0%} of the ceiling")
 
-    ours.eval()
+    ours.eval().use_decode_layout()  # what the serving engine does with a loaded checkpoint
     ref.eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens

@@ -21,13 +21,17 @@ def make_generators(seed: int | None, n: int, device) -> list[torch.Generator] |
 
 
 class Decoder:
-    """Prefill and one-token steps of a GPT over a KV cache."""
+    """Prefill and one-token steps of a GPT over a KV cache.
+
+    On CPU, call model.use_decode_layout() once before serving: it makes every step ~1.5x faster. The
+    LM head is read once per token either way from a [C, V] contiguous matrix (a copy unless the model
+    is in the decode layout), which reads about twice as fast as nn.Linear's layout.
+    """
 
     def __init__(self, model: GPT, n_slots: int, max_length: int | None = None):
-        model.use_decode_layout()
         self.model = model
         self.cache = model.new_cache(n_slots, max_length)
-        self.head = model.wte.weight.t()  # [C, V], contiguous in the decode layout
+        self.head = model.wte.weight.detach().t().contiguous()  # [C, V]; no copy in the decode layout
 
     def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
         """Logits [B, V] of the last position after appending idx [B, T] to the rows' caches."""

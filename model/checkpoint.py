@@ -1,0 +1,200 @@
+"""Checkpoints: a directory of safetensors + JSON, never pickles.
+
+    model.safetensors      the weights
+    config.json            model config, tokenizer spec, task (`lm` | `classifier`) and label names, step,
+                           metrics, parent checkpoint, LoRA config, and the size and sha256 of each file
+    training.safetensors   optional, for resuming: optimizer tensors and RNG states
+    training.json          optional, for resuming: optimizer hyperparameters, scheduler, data position
+
+A checkpoint is written into a temporary directory and renamed into place, so a crash never leaves a
+half-written one under the final name; the recorded sha256 catches truncation and corruption later.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.classifier import GPTClassifier
+from model.config import ConfigError, GPTConfig
+from model.gpt import GPT
+from model.lora import LoRAConfig, apply_lora, has_lora
+from model.tokenizer import Tokenizer, tokenizer_from_spec
+
+FORMAT = "scratchllm-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAINING_TENSORS = "training.safetensors"
+TRAINING_JSON = "training.json"
+TASKS = ("lm", "classifier")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupted or does not match its config."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer, *, step: int = 0,
+                    metrics: dict | None = None, label_names: list[str] | None = None,
+                    parent: str | None = None, lora: LoRAConfig | None = None,
+                    training_state: tuple[dict[str, torch.Tensor], dict] | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write model (a GPT or GPTClassifier) and its metadata to the directory path; returns the path.
+
+    training_state is (tensors, json) as the Trainer produces it, stored for an exact resume.
+    """
+    path = Path(path)
+    task = "classifier" if isinstance(model, GPTClassifier) else "lm"
+    if task == "classifier" and (label_names is None or len(label_names) != model.n_classes):
+        raise ValueError(f"a classifier with {model.n_classes} classes needs as many label names")
+    if has_lora(model) and lora is None:
+        raise ValueError("the model has LoRA adapters: pass their LoRAConfig")
+    config = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(_contiguous(model.state_dict()), staging / WEIGHTS)
+        files = [WEIGHTS]
+        if training_state is not None:
+            tensors, state = training_state
+            save_file(_contiguous(tensors), staging / TRAINING_TENSORS)
+            (staging / TRAINING_JSON).write_text(json.dumps(state, indent=1))
+            files += [TRAINING_TENSORS, TRAINING_JSON]
+        meta = {
+            "format": FORMAT, "version": VERSION, "task": task, "model": config.to_dict(),
+            "tokenizer": tokenizer.spec(), "label_names": label_names if task == "classifier" else None,
+            "step": step, "metrics": metrics or {}, "parent": parent,
+            "lora": lora.to_dict() if lora is not None else None, **(extra or {}),
+            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                      for name in files},
+        }
+        (staging / CONFIG).write_text(json.dumps(meta, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint, checked for format and required fields (weights not read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path} has no {CONFIG}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{CONFIG} of checkpoint {path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} directory")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint version {meta.get('version')!r} is not supported (want {VERSION})")
+    missing = [k for k in ("task", "model", "tokenizer", "files") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{CONFIG} of checkpoint {path} lacks {', '.join(missing)}")
+    if meta["task"] not in TASKS:
+        raise CheckpointError(f"unknown checkpoint task {meta['task']!r}")
+    return meta
+
+
+def _verified(path: Path, meta: dict, name: str) -> Path:
+    expected = meta["files"].get(name)
+    file = path / name
+    if expected is None or not file.is_file():
+        raise CheckpointError(f"checkpoint {path} lacks {name}")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(f"{name} of checkpoint {path} is truncated or altered: "
+                              f"{size} bytes, {expected['bytes']} recorded")
+    if _sha256(file) != expected["sha256"]:
+        raise CheckpointError(f"{name} of checkpoint {path} is corrupted: its sha256 does not match")
+    return file
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def build_model(meta: dict) -> nn.Module:
+    """An untrained model of the checkpoint's architecture, task and adapters."""
+    try:
+        config = GPTConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"invalid model config in checkpoint: {e}") from e
+    if meta["task"] == "classifier":
+        labels = meta.get("label_names") or []
+        model = GPTClassifier(config, len(labels))
+    else:
+        model = GPT(config)
+    if meta.get("lora"):
+        try:
+            lora = LoRAConfig(**meta["lora"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"invalid LoRA config in checkpoint: {e}") from e
+        apply_lora(model, lora, trainable=(model.head,) if isinstance(model, GPTClassifier) else ())
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, metadata) of a checkpoint directory; CheckpointError if broken."""
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = _load_tensors(_verified(path, meta, WEIGHTS))
+    model = build_model(meta)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tensors[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"weight shapes do not match the config: {'; '.join(wrong[:5])}")
+    model.load_state_dict(tensors)
+    try:
+        tokenizer = tokenizer_from_spec(meta["tokenizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"invalid tokenizer spec in checkpoint: {e}") from e
+    return model.to(device).eval(), tokenizer, meta
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) saved for resuming, as passed to save_checkpoint."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if TRAINING_TENSORS not in meta["files"]:
+        raise CheckpointError(f"checkpoint {path} holds no training state to resume from")
+    tensors = _load_tensors(_verified(path, meta, TRAINING_TENSORS))
+    try:
+        state = json.loads(_verified(path, meta, TRAINING_JSON).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{TRAINING_JSON} of checkpoint {path} is not valid JSON: {e}") from e
+    return tensors, state

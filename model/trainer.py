@@ -1,0 +1,285 @@
+"""One Trainer for pretraining and both finetunes.
+
+AdamW (weight decay on matrices only, fused where available), linear warmup then cosine decay to a
+minimum, gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile,
+periodic evaluation, samples and checkpoints, callbacks, and an exact resume.
+
+What it trains on is a task (model.tasks): batch i is a pure function of the task's seed and i, so the
+data position after a resume is just the step, and a resumed run repeats the uninterrupted loss curve.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from model.checkpoint import load_training_state, save_checkpoint
+from model.generate import generate
+from model.lora import LoRAConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    learning_rate: float = 6e-4
+    min_learning_rate: float | None = None  # end of the cosine; learning_rate / 10 when None
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    grad_accum_steps: int = 1
+    eval_interval: int = 0  # 0: evaluate only at the end (always evaluated at the end)
+    eval_batches: int = 20
+    sample_interval: int = 0  # 0: never sample
+    sample_prompt: str = "\n"
+    sample_tokens: int = 40
+    checkpoint_interval: int = 0  # 0: checkpoint only at the end
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        positive = ("max_steps", "grad_accum_steps", "eval_batches", "sample_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.min_learning_rate is not None and not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError("min_learning_rate must be between 0 and learning_rate")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to the minimum."""
+        floor = self.learning_rate / 10 if self.min_learning_rate is None else self.min_learning_rate
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - floor)
+
+
+class Task(Protocol):
+    kind: str  # "lm" or "classifier": what the model predicts
+
+    def batch(self, index: int) -> tuple[Tensor, ...]: ...  # a pure function of index
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor: ...
+
+    def n_tokens(self, batch: tuple[Tensor, ...]) -> int: ...
+
+    def evaluate(self, model: nn.Module, max_batches: int, autocast) -> dict[str, float]: ...
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    eta_s: float
+    train_loss: float
+    learning_rate: float
+    val_loss: float | None = None
+
+
+class Callback:
+    """Receives what the Trainer does; override what you need. should_stop asks for a clean stop."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_sample(self, step: int, text: str) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" or "stopped"
+    step: int
+    train_losses: list[float] = field(default_factory=list)  # this run's losses, one per step
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest of every metric
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, never on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig, tokenizer, out_dir,
+                 callback: Callback | None = None, seed: int = 1337, label_names: list[str] | None = None,
+                 parent: str | None = None, lora: LoRAConfig | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.task = task
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.callback = callback or Callback()
+        self.seed = seed
+        self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora)
+        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics: dict[str, float] = {}
+        self._last_checkpoint_step = -1
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        torch.manual_seed(seed)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- exact resume -------------------------------------------------------------------------------
+    def training_state(self) -> tuple[dict[str, Tensor], dict]:
+        state = self.optimizer.state_dict()
+        tensors = {f"optimizer.{index}.{key}": value for index, slots in state["state"].items()
+                   for key, value in slots.items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors, {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed,
+                         "metrics": self.metrics, "param_groups": state["param_groups"],
+                         "config": asdict(self.config)}
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Continue from a checkpoint this trainer's setup wrote; the model must hold its weights."""
+        tensors, state = load_training_state(checkpoint)
+        saved = state["config"]
+        for name in ("grad_accum_steps", "max_steps", "learning_rate", "warmup_steps"):
+            if saved.get(name) != getattr(self.config, name):
+                raise ValueError(f"cannot resume: {name} was {saved.get(name)!r}, now "
+                                 f"{getattr(self.config, name)!r}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"cannot resume: the run's seed was {state['seed']}, now {self.seed}")
+        optimizer_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[key] = value
+        for group in optimizer_state["param_groups"]:
+            group["betas"] = tuple(group["betas"])
+        self.optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.metrics = dict(state["metrics"])
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config = self.config
+        result = TrainResult("completed", self.step)
+        step_times: list[float] = []
+        while self.step < config.max_steps:
+            if self.callback.should_stop():
+                result.status = "stopped"
+                break
+            started = time.perf_counter()
+            lr = config.lr_at(self.step)
+            loss, tokens = self._optimizer_step(lr)
+            step_times = (step_times + [time.perf_counter() - started])[-20:]
+            self.step += 1
+            self.tokens_seen += tokens
+            result.train_losses.append(loss)
+            self._record({"train_loss": loss, "learning_rate": lr})
+            finished = self.step == config.max_steps
+            if finished or self._due(config.eval_interval):
+                self._evaluate()
+            if self._due(config.sample_interval) and self.task.kind == "lm":
+                self.callback.on_sample(self.step, self.sample())
+            if finished or self._due(config.checkpoint_interval):
+                result.checkpoint = self._checkpoint()
+            seconds_per_step = sum(step_times) / len(step_times)
+            self.callback.on_progress(Progress(
+                self.step, config.max_steps, self.tokens_seen, tokens / seconds_per_step,
+                seconds_per_step * (config.max_steps - self.step), loss, lr, self.metrics.get("val_loss")))
+        if result.status == "stopped" and self.step > 0 and self._last_checkpoint_step != self.step:
+            result.checkpoint = self._checkpoint()
+        result.step = self.step
+        result.metrics = dict(self.metrics)
+        return result
+
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    def _optimizer_step(self, lr: float) -> tuple[float, int]:
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total_loss, tokens = 0.0, 0
+        for micro in range(config.grad_accum_steps):
+            index = self.step * config.grad_accum_steps + micro
+            batch = tuple(t.to(self.device) for t in self.task.batch(index))
+            with self.autocast():
+                loss = self.task.loss(self.forward_model, batch) / config.grad_accum_steps
+            loss.backward()
+            total_loss += loss.item()
+            tokens += self.task.n_tokens(batch)
+        if config.grad_clip is not None:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        self.callback.on_metrics(self.step, metrics)
+
+    def _evaluate(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model, self.config.eval_batches, self.autocast)
+        self.model.train()
+        self._record(metrics)
+
+    def sample(self) -> str:
+        prompt = self.tokenizer.encode(self.config.sample_prompt) or [self.tokenizer.eot_id]
+        idx = torch.tensor([prompt], device=self.device)
+        self.model.eval()
+        out = generate(self.model, idx, self.config.sample_tokens)
+        self.model.train()
+        return self.tokenizer.decode(out[0, len(prompt):].tolist())
+
+    def _checkpoint(self) -> Path:
+        path = self.out_dir / f"step-{self.step:07d}"
+        save_checkpoint(path, self.model, self.tokenizer, step=self.step, metrics=dict(self.metrics),
+                        training_state=self.training_state(), **self.checkpoint_meta)
+        self._last_checkpoint_step = self.step
+        self.callback.on_checkpoint(self.step, path, dict(self.metrics))
+        return path
