@@ -23,20 +23,32 @@ def make_generators(seed: int | None, n: int, device) -> list[torch.Generator] |
 class Decoder:
     """Prefill and one-token steps of a GPT over a KV cache.
 
-    On CPU, call model.use_decode_layout() once before serving: it makes every step ~1.5x faster. The
-    LM head is read once per token either way from a [C, V] contiguous matrix (a copy unless the model
-    is in the decode layout), which reads about twice as fast as nn.Linear's layout.
+    On CPU, call model.use_decode_layout() once before serving: it makes every step ~1.5x faster.
+    Reading the tied LM head dominates a one-token step. One matrix-vector product runs on one core, so
+    the head is kept as a batch of column blocks [n, C, V/n], one per thread, multiplied with bmm, which
+    spreads the blocks over the threads: about 1.5x faster on two cores.
     """
 
     def __init__(self, model: GPT, n_slots: int, max_length: int | None = None):
         self.model = model
         self.cache = model.new_cache(n_slots, max_length)
-        self.head = model.wte.weight.detach().t().contiguous()  # [C, V]; no copy in the decode layout
+        head = model.wte.weight.detach().t()  # [C, V]
+        self.vocab_size = head.shape[1]
+        n_blocks = max(1, torch.get_num_threads())
+        width = -(-self.vocab_size // n_blocks)
+        padded = head.new_zeros(head.shape[0], n_blocks * width)
+        padded[:, : self.vocab_size] = head
+        self.head_blocks = padded.view(-1, n_blocks, width).transpose(0, 1).contiguous()  # [n, C, V/n]
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits [B, V] of hidden states [B, C]."""
+        blocks = torch.bmm(hidden.unsqueeze(0).expand(self.head_blocks.shape[0], -1, -1), self.head_blocks)
+        return blocks.transpose(0, 1).reshape(hidden.shape[0], -1)[:, : self.vocab_size]
 
     def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
         """Logits [B, V] of the last position after appending idx [B, T] to the rows' caches."""
         hidden = self.model.hidden_states(idx, self.cache, slots)
-        return hidden[:, -1] @ self.head
+        return self.head(hidden[:, -1])
 
     def prefill_ragged(self, prompts: list[list[int]], slots: Tensor) -> Tensor:
         """Prefill prompts of different lengths into the given empty slots; logits [B, V] of each last token.
@@ -51,8 +63,7 @@ class Decoder:
         self.cache.lengths[slots] = 0
         hidden = self.model.hidden_states(padded, self.cache, slots)  # [B, T, C]
         self.cache.lengths[slots] = lengths
-        last = hidden[torch.arange(len(prompts)), lengths - 1]  # [B, C]
-        return last @ self.head
+        return self.head(hidden[torch.arange(len(prompts)), lengths - 1])
 
 
 def _check_prompt(model: GPT, n_prompt: int) -> None:
