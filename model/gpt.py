@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from model.attention import CausalSelfAttention
 from model.config import GPTConfig
 from model.kv_cache import KVCache
+from model.loss import cross_entropy
 
 
 class MLP(nn.Module):
@@ -105,8 +106,7 @@ class GPT(nn.Module):
         logits = F.linear(self.hidden_states(idx), self.wte.weight)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def new_cache(self, n_slots: int, max_length: int | None = None) -> KVCache:
         c = self.config

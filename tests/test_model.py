@@ -6,6 +6,7 @@ import torch
 from model import GPT, ConfigError, GPTConfig
 from model.classifier import GPTClassifier, freeze_for_finetune
 from model.lora import LoRAConfig, apply_lora, has_lora, merge_lora
+from model.loss import cross_entropy
 
 TINY = dict(vocab_size=300, context_length=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -146,3 +147,19 @@ def test_lora_config_is_validated():
         LoRAConfig(alpha=0)
     with pytest.raises(ValueError, match="no linear layer"):
         apply_lora(GPT(GPTConfig(**TINY)), LoRAConfig(targets=("nothing",)))
+
+
+def test_cross_entropy_matches_torch_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 300)
+    targets = torch.randint(0, 300, (12,))
+    targets[[2, 7]] = -100
+    ours_in = logits.clone().requires_grad_()
+    torch_in = logits.clone().requires_grad_()
+    ours = cross_entropy(ours_in, targets)
+    reference = torch.nn.functional.cross_entropy(torch_in, targets, ignore_index=-100)
+    (ours * 3).backward()
+    (reference * 3).backward()
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(ours_in.grad, torch_in.grad, atol=1e-6)
+    assert cross_entropy(logits, torch.full((12,), -100)).item() == 0.0
