@@ -2,6 +2,7 @@
 
 from model.config import ConfigError, GPTConfig
 from model.gpt import GPT
+from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
 from model.kv_cache import KVCache
 
-__all__ = ["GPT", "ConfigError", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "ConfigError", "GPTConfig", "KVCache", "export_hf_gpt2", "import_hf_gpt2"]
