@@ -1,0 +1,250 @@
+"""Classification finetuning data (the book's chapter 6): labelled texts from CSV, TSV or JSONL files,
+class balancing, seeded splits, and right-padded token batches for GPTClassifier.
+
+Formats, chosen by the file's extension:
+- .csv: a header row naming the text and label columns; standard CSV quoting, so a quoted field may
+  span lines;
+- .tsv (or no extension, as UCI ships SMSSpamCollection): either a header row naming both columns, or
+  headerless `label<TAB>text` rows. TSV is read without quote handling: quotes are part of the text,
+  which keeps all 5574 SMSSpamCollection rows (pandas' default quote parsing reads 5572);
+- .jsonl: one object per line with the text and label fields.
+"""
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.data import index_batches
+from model.tokenizer import Tokenizer
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as intended; the message names the file and, where there is one,
+    the 1-based line (or record) of the problem."""
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None, where: str = "line"):
+        self.path, self.problem, self.line, self.where = Path(path), problem, line, where
+        place = f"{path}: {where} {line}: " if line is not None else f"{path}: "
+        super().__init__(place + problem)
+
+    def __reduce__(self):  # pickled across processes (workers) with all its arguments, not just the message
+        return type(self), (self.path, self.problem, self.line, self.where)
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), or a DataFormatError naming the line
+    of the first byte that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        problem = f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+        raise DataFormatError(path, problem, line) from None
+
+
+@dataclass
+class ClassificationData:
+    texts: list[str]
+    labels: list[int]  # indices into label_names
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, rows) -> "ClassificationData":
+        return ClassificationData([self.texts[i] for i in rows], [self.labels[i] for i in rows],
+                                  list(self.label_names))
+
+
+def _label_order(names: set[str]) -> list[str]:
+    """Sorted label names, numerically when all are integers so that "2" comes before "10"."""
+    if all(re.fullmatch(r"-?[0-9]+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _csv_rows(path: Path, text: str, delimiter: str, quoting: int,
+              text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    """(line, text, label) of each data row of a delimited file with a header."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    try:
+        header = next(reader, [])
+        columns = {name.strip(): i for i, name in enumerate(header)}
+        for field in (text_field, label_field):
+            if field not in columns:
+                raise DataFormatError(path, f"no {field!r} column in the header {header}", 1)
+        need = max(columns[text_field], columns[label_field]) + 1
+        line = reader.line_num + 1
+        for row in reader:
+            if row:  # blank lines separate nothing
+                if len(row) < need:
+                    raise DataFormatError(path, f"{len(row)} fields, the header has {len(header)}", line)
+                yield line, row[columns[text_field]], row[columns[label_field]]
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise DataFormatError(path, f"bad CSV: {e}", reader.line_num) from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at \\n only: str.splitlines would also split at form feeds and U+2028, which a
+    text or a JSON string may hold."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _headerless_tsv_rows(path: Path, text: str) -> Iterator[tuple[int, str, str]]:
+    """(line, text, label) of each `label<TAB>text` row, UCI SMSSpamCollection's form."""
+    for line, row in enumerate(_lines(text), start=1):
+        if row.strip():
+            label, tab, body = row.partition("\t")
+            if not tab:
+                raise DataFormatError(path, "no tab: expected label<TAB>text", line)
+            yield line, body, label
+
+
+def _tsv_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
+    names = {name.strip() for name in first}
+    if text_field in names and label_field in names:
+        return _csv_rows(path, text, "\t", csv.QUOTE_NONE, text_field, label_field)
+    if len(first) == 2:
+        return _headerless_tsv_rows(path, text)
+    raise DataFormatError(path, f"expected a header with {text_field!r} and {label_field!r} columns, or "
+                                "label<TAB>text rows", 1)
+
+
+def _jsonl_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    for line, row in enumerate(_lines(text), start=1):
+        if not row.strip():
+            continue
+        try:
+            record = json.loads(row)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line) from None
+        if not isinstance(record, dict):
+            raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line)
+        for field in (text_field, label_field):
+            if field not in record:
+                raise DataFormatError(path, f"missing field {field!r}", line)
+        body, label = record[text_field], record[label_field]
+        if not isinstance(body, str):
+            raise DataFormatError(path, f"{text_field!r} must be a string, got {type(body).__name__}", line)
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            problem = f"{label_field!r} must be a string or an integer, got {label!r}"
+            raise DataFormatError(path, problem, line)
+        yield line, body, str(label)
+
+
+def read_classification_file(path: str | Path, text_field: str = "text", label_field: str = "label",
+                             label_names: list[str] | None = None) -> ClassificationData:
+    """Texts and integer labels of a CSV, TSV or JSONL file (see the module docstring).
+
+    Label i is label_names[i]; without label_names they are the file's distinct labels, sorted. Labels
+    are compared as strings after stripping surrounding whitespace; texts are kept as they are but must
+    not be blank."""
+    path = Path(path)
+    text = read_utf8(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(path, text, ",", csv.QUOTE_MINIMAL, text_field, label_field)
+    elif suffix in (".tsv", ".tab", ".txt", ""):
+        rows = _tsv_rows(path, text, text_field, label_field)
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = _jsonl_rows(path, text, text_field, label_field)
+    else:
+        raise DataFormatError(path, f"unknown extension {suffix!r}: expected .csv, .tsv or .jsonl")
+    texts, raw_labels = [], []
+    for line, body, label in rows:
+        if not body.strip():
+            raise DataFormatError(path, "empty text", line)
+        label = label.strip()
+        if not label:
+            raise DataFormatError(path, "empty label", line)
+        if label_names is not None and label not in label_names:
+            raise DataFormatError(path, f"label {label!r} is not one of {label_names}", line)
+        texts.append(body)
+        raw_labels.append(label)
+    names = list(label_names) if label_names is not None else _label_order(set(raw_labels))
+    if len(names) < 2:
+        raise DataFormatError(path, f"a classifier needs at least two labels, found {names}")
+    index = {name: i for i, name in enumerate(names)}
+    return ClassificationData(texts, [index[label] for label in raw_labels], names)
+
+
+def balance_classes(data: ClassificationData, seed: int = 123) -> ClassificationData:
+    """Undersample every class to the size of the smallest, like the book's create_balanced_dataset.
+
+    A larger class keeps the rows np.random.RandomState(seed).permutation(count)[:smallest] picks: the
+    draw pandas' DataFrame.sample(n, random_state=seed) makes. A class already at the smallest size keeps
+    its rows and order, and classes follow one another in label order. The book's ham subset still differs,
+    because its pandas read of SMSSpamCollection has two ham rows fewer (quote parsing), so the same draw
+    picks from a different list."""
+    labels = np.asarray(data.labels)
+    per_class = [np.flatnonzero(labels == c) for c in range(len(data.label_names))]
+    smallest = min(len(rows) for rows in per_class)
+    if smallest == 0:
+        raise ValueError("cannot balance: some label has no rows "
+                         f"({[data.label_names[c] for c, r in enumerate(per_class) if len(r) == 0]})")
+    kept = [rows if len(rows) == smallest
+            else rows[np.random.RandomState(seed).permutation(len(rows))[:smallest]]
+            for rows in per_class]
+    return data.subset(np.concatenate(kept).tolist())
+
+
+def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Rows of each part after a seeded shuffle (pandas' sample(frac=1, random_state=seed) order).
+
+    Every part but the last gets int(n * fraction) rows, the last the rest: the book's 70/10/20 of its
+    1494 balanced texts is 1045/149/300."""
+    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
+    order = np.random.RandomState(seed).permutation(n)
+    ends = np.cumsum([int(n * f) for f in fractions[:-1]])
+    return np.split(order, ends)
+
+
+def split_dataset(data: ClassificationData, fractions: tuple[float, ...] = (0.7, 0.1, 0.2),
+                  seed: int = 123) -> list[ClassificationData]:
+    """The book's random_split: shuffle, then consecutive parts, e.g. [train, validation, test]."""
+    return [data.subset(rows.tolist()) for rows in split_indices(len(data), fractions, seed)]
+
+
+def encode_classification(texts: list[str], tokenizer: Tokenizer, max_length: int | None = None,
+                          pad_id: int = 50256) -> tuple[Tensor, Tensor]:
+    """Token ids [N, L] right-padded with pad_id, and lengths [N] of real tokens in each row.
+
+    L is max_length when given (longer texts are cut to it, as the book's SpamDataset does), else the
+    longest text. Special-token text is encoded as plain text: data should not inject control tokens.
+    The classifier reads position lengths - 1, so every text must keep at least one token."""
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    encoded = [ids[:max_length] for ids in tokenizer.encode_batch(texts, allow_special=False)]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"text {i} encodes to no tokens")
+    width = max_length if max_length is not None else max((len(ids) for ids in encoded), default=0)
+    out = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # [N, L]
+    for row, ids in zip(out, encoded, strict=True):
+        row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out, torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
+
+
+def classification_batches(ids: Tensor, lengths: Tensor, labels, batch_size: int, shuffle: bool = False,
+                           generator: torch.Generator | None = None, drop_last: bool = False,
+                           start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """One epoch of (ids [B, L'], lengths [B], labels [B]) batches; L' is the batch's longest text,
+    since padding past it only costs compute. Shuffling and resuming work as in index_batches."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if not len(ids) == len(lengths) == len(labels):
+        raise ValueError(f"{len(ids)} rows of ids, {len(lengths)} lengths and {len(labels)} labels")
+    for rows in index_batches(len(ids), batch_size, shuffle, generator, drop_last, start_batch):
+        batch_lengths = lengths[rows]
+        yield ids[rows, : int(batch_lengths.max())], batch_lengths, labels[rows]

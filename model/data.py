@@ -1,0 +1,216 @@
+"""Pretraining data: a text file tokenized once into a flat binary file of token ids, then windows of it.
+
+Two ways to cut windows, as the two references do:
+- nanoGPT: `random_batch` draws batch_size random offsets per step from a torch.Generator;
+- the book (GPTDatasetV1): `SlidingWindowDataset` / `sliding_window_batches` walk windows `stride` apart,
+  epoch by epoch, in an order that `epoch_order` (or a generator's state) reproduces, so a resumed run can
+  skip straight to batch k of epoch e.
+
+Every window of block_size inputs needs block_size + 1 tokens: the targets are the inputs shifted by one.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """What the JSON sidecar beside a token file says about it."""
+
+    path: Path
+    dtype: str  # "uint16" or "uint32"
+    n_tokens: int
+    tokenizer: str  # the tokenizer's spec name, e.g. "gpt2"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id: GPT-2's 50257 ids fit uint16, halving the file."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _word_start(text: str) -> int:
+    """Index of the last space that follows a non-space character, or 0 when there is none.
+
+    Cutting there never changes the tokens: GPT-2-style pre-tokenizers end every letter, digit and
+    punctuation run at whitespace and never look behind, so the pre-token before the cut ends exactly at
+    it, and the one starting with the space is matched from the same position either way. A cut after
+    whitespace would not be safe ("\\n\\n" followed by text is two pre-tokens, at the end of a chunk one)."""
+    cut = text.rfind(" ")
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.rfind(" ", 0, cut)
+    return max(cut, 0)
+
+
+def _text_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
+    """Consecutive pieces of the file, about chunk_chars characters each, cut only where `_word_start`
+    allows, so that encoding them one by one gives the tokens of the whole file."""
+    carry = ""
+    # newline="" keeps the file's own line endings: the tokens are those of its exact text.
+    with open(path, encoding="utf-8", newline="") as f:
+        while piece := f.read(chunk_chars):
+            text = carry + piece
+            cut = _word_start(text)
+            if cut == 0:  # no safe cut yet (one very long word or run of whitespace): read on
+                carry = text
+                continue
+            yield text[:cut]
+            carry = text[cut:]
+    if carry:
+        yield carry
+
+
+def tokenize_to_memmap(text_source: str | Path, tokenizer: Tokenizer, out_path: str | Path,
+                       chunk_chars: int = 1 << 20) -> TokenFile:
+    """Encode a UTF-8 text file into out_path as raw token ids, reading chunk_chars characters at a time
+    (more only while no space allows a cut), so the file is never held whole; the ids equal those of
+    encoding the whole text at once.
+
+    Special-token text such as <|endoftext|> becomes its id. The JSON sidecar (out_path + ".json") is
+    written last, so a token file with a sidecar is complete."""
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    out_path = Path(out_path)
+    _sidecar(out_path).unlink(missing_ok=True)  # a stale sidecar would vouch for a half-written file
+    dtype = token_dtype(tokenizer.vocab_size)
+    n_tokens = 0
+    with open(out_path, "wb") as out:
+        for chunk in _text_chunks(Path(text_source), chunk_chars):
+            ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
+            ids.tofile(out)
+            n_tokens += len(ids)
+    info = TokenFile(out_path, dtype.name, n_tokens, tokenizer.name)
+    meta = {"dtype": info.dtype, "n_tokens": n_tokens, "tokenizer": info.tokenizer}
+    _sidecar(out_path).write_text(json.dumps(meta, indent=2) + "\n")
+    return info
+
+
+def read_token_info(path: str | Path) -> TokenFile:
+    path = Path(path)
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no sidecar {_sidecar(path).name}: was it written by "
+                         "tokenize_to_memmap, and did that finish?") from None
+    return TokenFile(path, meta["dtype"], int(meta["n_tokens"]), meta["tokenizer"])
+
+
+def open_tokens(path: str | Path) -> np.memmap:
+    """The token ids of a file written by tokenize_to_memmap, read-only and paged in on demand: [N]."""
+    info = read_token_info(path)
+    expected = info.n_tokens * np.dtype(info.dtype).itemsize
+    actual = info.path.stat().st_size
+    if actual != expected:
+        raise ValueError(f"{info.path} holds {actual} bytes but its sidecar promises {info.n_tokens} "
+                         f"{info.dtype} tokens ({expected} bytes)")
+    if info.n_tokens == 0:
+        raise ValueError(f"{info.path} holds no tokens")
+    return np.memmap(info.path, dtype=info.dtype, mode="r", shape=(info.n_tokens,))
+
+
+def _check_window(n_tokens: int, block_size: int, what: str = "the data") -> None:
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if n_tokens < block_size + 1:
+        raise ValueError(f"{what} has {n_tokens} tokens; a window of {block_size} needs at least "
+                         f"{block_size + 1}")
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) views of tokens, validation at the end as nanoGPT and the book do; both must hold at
+    least one window of block_size."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n_train = int(len(tokens) * (1 - val_fraction))
+    train, val = tokens[:n_train], tokens[n_train:]
+    _check_window(len(train), block_size, f"the training split ({1 - val_fraction:.0%} of {len(tokens)})")
+    _check_window(len(val), block_size, f"the validation split ({val_fraction:.0%} of {len(tokens)})")
+    return train, val
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs and targets [len(starts), block_size] of the windows starting at starts."""
+    rows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # [B, T + 1]
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def random_batch(tokens: np.ndarray, batch_size: int, block_size: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """nanoGPT's get_batch: batch_size windows at random offsets drawn from generator, so the same
+    generator state gives the same batch. Returns x, y LongTensors [B, T], y[:, i] == x[:, i + 1]."""
+    _check_window(len(tokens), block_size)
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+    return _windows(tokens, starts, block_size)
+
+
+def n_windows(n_tokens: int, block_size: int, stride: int) -> int:
+    """How many windows the book's `range(0, len(tokens) - max_length, stride)` visits."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    _check_window(n_tokens, block_size)
+    return (n_tokens - block_size - 1) // stride + 1
+
+
+class SlidingWindowDataset(Dataset):
+    """The book's GPTDatasetV1: window i holds the inputs tokens[i*stride : i*stride + block_size] and
+    the targets one token further on. Items are (x, y) LongTensors [T]."""
+
+    def __init__(self, tokens, block_size: int, stride: int):
+        self.tokens = np.asarray(tokens)
+        self.block_size, self.stride = block_size, stride
+        self.n = n_windows(len(self.tokens), block_size, stride)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"window {i} of {self.n}")
+        x, y = _windows(self.tokens, np.array([i % self.n * self.stride]), self.block_size)
+        return x[0], y[0]
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """A permutation of range(n) that depends only on (seed, epoch): a resumed run recomputes the order
+    of any epoch without replaying the ones before it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def index_batches(n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                  drop_last: bool = False, start_batch: int = 0) -> Iterator[Tensor]:
+    """Row indices of each batch of one epoch over n rows, like a DataLoader's sampler.
+
+    The shuffled order is torch.randperm(n, generator=generator), drawn when iteration starts; to resume
+    at batch k of an epoch, pass a generator in the state it had at that epoch's start (seeded per epoch,
+    or restored with set_state) and start_batch=k."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    end = n - n % batch_size if drop_last else n
+    for first in range(start_batch * batch_size, end, batch_size):
+        yield order[first: first + batch_size]
+
+
+def sliding_window_batches(tokens, block_size: int, stride: int, batch_size: int, shuffle: bool = False,
+                           generator: torch.Generator | None = None, drop_last: bool = False,
+                           start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of the book's DataLoader over SlidingWindowDataset: (x, y) LongTensors [B, T].
+
+    The book trains with shuffle=True, drop_last=True; see index_batches for resuming mid-epoch."""
+    tokens = np.asarray(tokens)
+    count = n_windows(len(tokens), block_size, stride)
+    for rows in index_batches(count, batch_size, shuffle, generator, drop_last, start_batch):
+        yield _windows(tokens, rows.numpy() * stride, block_size)
