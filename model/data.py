@@ -140,7 +140,7 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> tu
     return train, val
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[Tensor, Tensor]:
+def windows_at(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[Tensor, Tensor]:
     """Inputs and targets [len(starts), block_size] of the windows starting at starts."""
     rows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # [B, T + 1]
     rows = torch.from_numpy(rows)
@@ -153,7 +153,7 @@ def random_batch(tokens: np.ndarray, batch_size: int, block_size: int,
     generator state gives the same batch. Returns x, y LongTensors [B, T], y[:, i] == x[:, i + 1]."""
     _check_window(len(tokens), block_size)
     starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
-    return _windows(tokens, starts, block_size)
+    return windows_at(tokens, starts, block_size)
 
 
 def n_windows(n_tokens: int, block_size: int, stride: int) -> int:
@@ -179,7 +179,7 @@ class SlidingWindowDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         if not -self.n <= i < self.n:
             raise IndexError(f"window {i} of {self.n}")
-        x, y = _windows(self.tokens, np.array([i % self.n * self.stride]), self.block_size)
+        x, y = windows_at(self.tokens, np.array([i % self.n * self.stride]), self.block_size)
         return x[0], y[0]
 
 
@@ -213,4 +213,4 @@ def sliding_window_batches(tokens, block_size: int, stride: int, batch_size: int
     tokens = np.asarray(tokens)
     count = n_windows(len(tokens), block_size, stride)
     for rows in index_batches(count, batch_size, shuffle, generator, drop_last, start_batch):
-        yield _windows(tokens, rows.numpy() * stride, block_size)
+        yield windows_at(tokens, rows.numpy() * stride, block_size)

@@ -14,7 +14,7 @@ if (SHARED / "tiktoken_cache").is_dir():
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not DATA.is_dir():
         pytest.skip("../shared/data is not beside the repository")
