@@ -1,8 +1,46 @@
-"""ScratchLLM's GPT library: plain PyTorch and tiktoken, no web or database code."""
+"""ScratchLLM's GPT library: plain PyTorch and tiktoken, no web or database code.
 
+Everything the worker, the API and external checks use is importable from here.
+"""
+
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_training_state,
+    read_metadata,
+    save_checkpoint,
+)
+from model.classification_data import (
+    ClassificationData,
+    DataFormatError,
+    balance_classes,
+    encode_classification,
+    read_classification_file,
+    split_dataset,
+)
+from model.classifier import GPTClassifier, freeze_for_finetune
 from model.config import ConfigError, GPTConfig
+from model.data import open_tokens, random_batch, split_tokens, tokenize_to_memmap
+from model.generate import Decoder, StreamEvent, generate, generate_batch, stream_generate
 from model.gpt import GPT
 from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
+from model.instruction_data import encode_instruction, format_prompt, format_response, read_instruction_file
 from model.kv_cache import KVCache
+from model.lora import LoRAConfig, apply_lora, merge_lora
+from model.sampling import SamplingParams
+from model.streaming import TextStream
+from model.tasks import ClassificationTask, InstructionTask, PretrainTask
+from model.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_spec
+from model.trainer import Callback, Progress, TrainConfig, Trainer, TrainResult
 
-__all__ = ["GPT", "ConfigError", "GPTConfig", "KVCache", "export_hf_gpt2", "import_hf_gpt2"]
+__all__ = [
+    "GPT", "Callback", "CheckpointError", "ClassificationData", "ClassificationTask", "ConfigError",
+    "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionTask", "KVCache", "LoRAConfig",
+    "PretrainTask", "Progress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
+    "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",
+    "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",
+    "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
+    "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "read_metadata",
+    "save_checkpoint", "split_dataset", "split_tokens", "stream_generate", "tokenize_to_memmap",
+    "tokenizer_from_spec",
+]

@@ -163,3 +163,21 @@ def test_cross_entropy_matches_torch_in_value_and_gradient():
     assert torch.allclose(ours, reference, atol=1e-5)
     assert torch.allclose(ours_in.grad, torch_in.grad, atol=1e-6)
     assert cross_entropy(logits, torch.full((12,), -100)).item() == 0.0
+
+
+def test_public_api_is_importable_from_model():
+    import model
+
+    for name in ("GPTConfig", "GPT", "generate", "stream_generate", "generate_batch", "load_checkpoint",
+                 "save_checkpoint", "import_hf_gpt2", "export_hf_gpt2", "Trainer", "TrainConfig",
+                 "GPTClassifier", "LoRAConfig", "apply_lora", "merge_lora", "gpt2_tokenizer", "train_bpe"):
+        assert name in model.__all__ and getattr(model, name) is not None, name
+
+
+def test_model_imports_neither_app_nor_worker():
+    import subprocess
+    import sys
+
+    code = "import sys, model; print(sorted({m.split('.')[0] for m in sys.modules} & {'app', 'worker'}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
