@@ -3,6 +3,7 @@
 Everything the worker, the API and external checks use is importable from here.
 """
 
+from model.bpe import train_bpe
 from model.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -30,7 +31,7 @@ from model.lora import LoRAConfig, apply_lora, merge_lora
 from model.sampling import SamplingParams
 from model.streaming import TextStream
 from model.tasks import ClassificationTask, InstructionTask, PretrainTask
-from model.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_spec
+from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_from_spec
 from model.trainer import Callback, Progress, TrainConfig, Trainer, TrainResult
 
 __all__ = [
@@ -42,5 +43,5 @@ __all__ = [
     "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
     "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "read_metadata",
     "save_checkpoint", "split_dataset", "split_tokens", "stream_generate", "tokenize_to_memmap",
-    "tokenizer_from_spec",
+    "tokenizer_from_spec", "get_tokenizer", "train_bpe",
 ]

@@ -1,0 +1,101 @@
+"""The `scratchllm` command.
+
+    scratchllm demo [--steps N] [--text FILE] [--out DIR]
+
+`demo` trains a byte-level BPE tokenizer and a tiny GPT on a text (a bundled sample by default) on this
+machine's CPU, saves a checkpoint, loads it back and streams a sample from it.
+"""
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from model import (
+        GPT,
+        Callback,
+        GPTConfig,
+        PretrainTask,
+        SamplingParams,
+        TrainConfig,
+        Trainer,
+        load_checkpoint,
+        open_tokens,
+        split_tokens,
+        stream_generate,
+        tokenize_to_memmap,
+        train_bpe,
+    )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with resources.as_file(resources.files("model") / "sample.txt") as sample:
+        text_path = Path(args.text) if args.text else sample
+        text = text_path.read_text(encoding="utf-8")
+        started = time.perf_counter()
+        tokenizer = train_bpe(text, args.vocab_size)
+        print(f"tokenizer: byte-level BPE with {tokenizer.vocab_size} tokens trained on {len(text):,} "
+              f"characters in {time.perf_counter() - started:.1f} s")
+        tokenize_to_memmap(text_path, tokenizer, out / "tokens.bin")
+    tokens = open_tokens(out / "tokens.bin")
+    block = args.context
+    train, val = split_tokens(tokens, 0.1, block)
+    print(f"data: {len(tokens):,} tokens ({len(train):,} train, {len(val):,} validation)")
+
+    torch.manual_seed(args.seed)
+    config = GPTConfig.preset("nano", vocab_size=tokenizer.vocab_size, context_length=block, dropout=0.1)
+    model = GPT(config)
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")
+
+    class Printer(Callback):
+        def on_progress(self, progress):
+            if progress.step % 50 == 0 or progress.step == progress.total_steps:
+                val = f", val loss {progress.val_loss:.3f}" if progress.val_loss is not None else ""
+                print(f"step {progress.step:4d}/{progress.total_steps}: train loss {progress.train_loss:.3f}"
+                      f"{val}, {progress.tokens_per_s:,.0f} tokens/s, ETA {progress.eta_s:.0f} s")
+
+        def on_sample(self, step, sample):
+            print(f"  sample at step {step}: {sample!r}")
+
+    train_config = TrainConfig(max_steps=args.steps, learning_rate=3e-3, warmup_steps=20, eval_interval=100,
+                               eval_batches=4, sample_interval=100, sample_prompt="Alice", sample_tokens=30,
+                               grad_clip=1.0)
+    task = PretrainTask(train, val, block_size=block, batch_size=16, seed=args.seed)
+    result = Trainer(model, task, train_config, tokenizer, out / "checkpoints", Printer(),
+                     seed=args.seed).train()
+    print(f"checkpoint: {result.checkpoint}")
+
+    loaded, loaded_tokenizer, meta = load_checkpoint(result.checkpoint)
+    print(f"loaded step {meta['step']} (val loss {meta['metrics']['val_loss']:.3f}); streaming a sample:\n")
+    prompt = loaded_tokenizer.encode("Alice")
+    sys.stdout.write("Alice")
+    sampling = SamplingParams(temperature=0.8, top_k=40)
+    for event in stream_generate(loaded, loaded_tokenizer, prompt, 80, sampling, seed=args.seed):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="scratchllm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="train and sample a tiny GPT on this machine")
+    demo_parser.add_argument("--text", help="a UTF-8 text file (default: a bundled sample)")
+    demo_parser.add_argument("--steps", type=int, default=300)
+    demo_parser.add_argument("--vocab-size", type=int, default=512)
+    demo_parser.add_argument("--context", type=int, default=64)
+    demo_parser.add_argument("--seed", type=int, default=1)
+    demo_parser.add_argument("--out", default="runs/demo")
+    demo_parser.set_defaults(handler=demo)
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
