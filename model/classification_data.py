@@ -121,14 +121,20 @@ def _tsv_rows(path: Path, text: str, text_field: str, label_field: str) -> Itera
                                 "label<TAB>text rows", 1)
 
 
-def _jsonl_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+def jsonl_values(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL text; DataFormatError names the line
+    that is not JSON."""
     for line, row in enumerate(_lines(text), start=1):
         if not row.strip():
             continue
         try:
-            record = json.loads(row)
+            yield line, json.loads(row)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line) from None
+
+
+def _jsonl_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    for line, record in jsonl_values(path, text):
         if not isinstance(record, dict):
             raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line)
         for field in (text_field, label_field):

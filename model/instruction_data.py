@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.classification_data import DataFormatError, read_utf8
+from model.classification_data import DataFormatError, jsonl_values, read_utf8
 from model.data import index_batches
 from model.tokenizer import Tokenizer
 
@@ -43,16 +43,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
 
 
 def _jsonl_records(path: Path, text: str) -> list[dict]:
-    records = []
-    for line, row in enumerate(text.split("\n"), start=1):
-        if not row.strip():
-            continue
-        try:
-            record = json.loads(row)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line) from None
-        records.append(_check_record(path, record, line, "line"))
-    return records
+    return [_check_record(path, record, line, "line") for line, record in jsonl_values(path, text)]
 
 
 def read_instruction_file(path: str | Path) -> list[dict]:
