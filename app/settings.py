@@ -1,0 +1,52 @@
+"""Settings from environment variables prefixed SCRATCHLLM_ (see the README for the list)."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCRATCHLLM_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("scratchllm-data"), description="corpora, token files and checkpoints")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in the data dir")
+    broker_url: str | None = Field(None, description="Celery broker; default: a folder in the data dir")
+    training_queue: str = "gpu"
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0)
+    api_keys_required: bool = Field(False, description="refuse requests without a key even before one exists")
+    worker_soft_shutdown_s: float = Field(60.0, gt=0)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")
+    broker_polling_interval_s: float = Field(0.1, gt=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'scratchllm.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def corpora_dir(self) -> Path:
+        return self.data_dir / "corpora"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

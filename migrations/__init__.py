@@ -1,0 +1,1 @@
+"""Alembic migrations of ScratchLLM's database (run them with `scratchllm db upgrade`)."""
