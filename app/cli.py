@@ -1,5 +1,7 @@
 """The `scratchllm` command.
 
+    scratchllm api [--host H] [--port P]     serve the API (settings from SCRATCHLLM_* variables)
+    scratchllm db upgrade                    apply the database migrations
     scratchllm demo [--steps N] [--text FILE] [--out DIR]
 
 `demo` trains a byte-level BPE tokenizer and a tiny GPT on a text (a bundled sample by default) on this
@@ -81,6 +83,29 @@ def demo(args: argparse.Namespace) -> None:
     print()
 
 
+def api(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import get_settings
+
+    settings = get_settings()
+    if args.migrate:
+        upgrade(settings.sqlalchemy_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port)
+
+
+def db_upgrade(_args: argparse.Namespace) -> None:
+    from app.migrate import upgrade
+    from app.settings import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+    print("database is at the latest revision")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scratchllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--seed", type=int, default=1)
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.set_defaults(handler=demo)
+    api_parser = commands.add_parser("api", help="serve the REST API")
+    api_parser.add_argument("--host", default="127.0.0.1")
+    api_parser.add_argument("--port", type=int, default=8000)
+    api_parser.add_argument("--migrate", action="store_true", help="apply the migrations first")
+    api_parser.set_defaults(handler=api)
+    db_parser = commands.add_parser("db", help="database maintenance")
+    db_commands = db_parser.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply the migrations").set_defaults(handler=db_upgrade)
     args = parser.parse_args(argv)
     args.handler(args)
 

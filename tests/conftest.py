@@ -51,3 +51,18 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'scratchllm.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def api(database_url, tmp_path):
+    """A TestClient of the service on a migrated database (SQLite and PostgreSQL) and a fresh data dir."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    upgrade(database_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2_000_000)
+    with TestClient(create_app(settings)) as client:
+        yield client

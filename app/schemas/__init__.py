@@ -1,0 +1,1 @@
+"""Pydantic schemas at the API's edge, one module per resource."""
