@@ -1,6 +1,9 @@
 """The `scratchllm` command.
 
+    scratchllm up [--host H] [--port P] [--data-dir D]   the whole service on this machine: migrations, the API
+                                                        and one worker, SQLite and no server of any kind
     scratchllm api [--host H] [--port P]     serve the API (settings from SCRATCHLLM_* variables)
+    scratchllm worker                        run a training worker (Celery)
     scratchllm db upgrade                    apply the database migrations
     scratchllm demo [--steps N] [--text FILE] [--out DIR]
 
@@ -9,6 +12,10 @@ machine's CPU, saves a checkpoint, loads it back and streams a sample from it.
 """
 
 import argparse
+import ctypes
+import os
+import signal
+import subprocess
 import sys
 import time
 from importlib import resources
@@ -96,6 +103,52 @@ def api(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=args.host, port=args.port)
 
 
+def worker(_args: argparse.Namespace) -> None:
+    # SIGTERM starts Celery's soft shutdown, in which the running job checkpoints and is re-queued
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from app.queue import clear_stale_bindings
+    from worker.celery_app import celery, settings
+
+    if settings.broker_url is None:
+        clear_stale_bindings(settings)
+    celery.worker_main(["worker", "--pool=prefork", "--concurrency=1", f"--queues={settings.training_queue}",
+                        "--loglevel=INFO", "--without-gossip", "--without-mingle"])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, however the parent dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def up(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    if args.data_dir:
+        os.environ["SCRATCHLLM_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    settings = Settings()
+    os.environ["SCRATCHLLM_DATA_DIR"] = str(settings.data_dir)  # the worker sees the same folder
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+    worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
+                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    print(f"ScratchLLM at http://{args.host}:{args.port} (data in {settings.data_dir}; worker pid "
+          f"{worker_process.pid}); Ctrl-C stops everything", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+    finally:
+        worker_process.terminate()
+        try:
+            worker_process.wait(timeout=settings.worker_soft_shutdown_s + 10)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+            worker_process.wait()
+
+
 def db_upgrade(_args: argparse.Namespace) -> None:
     from app.migrate import upgrade
     from app.settings import get_settings
@@ -118,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--seed", type=int, default=1)
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.set_defaults(handler=demo)
+    up_parser = commands.add_parser("up", help="run the whole service on this machine (embedded mode)")
+    up_parser.add_argument("--host", default="127.0.0.1")
+    up_parser.add_argument("--port", type=int, default=8000)
+    up_parser.add_argument("--data-dir", help="default: $SCRATCHLLM_DATA_DIR or ./scratchllm-data")
+    up_parser.set_defaults(handler=up)
+    commands.add_parser("worker", help="run a training worker").set_defaults(handler=worker)
     api_parser = commands.add_parser("api", help="serve the REST API")
     api_parser.add_argument("--host", default="127.0.0.1")
     api_parser.add_argument("--port", type=int, default=8000)

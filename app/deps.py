@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.errors import not_found
-from app.models import Corpus
+from app.models import Checkpoint, Corpus, Job
 from app.settings import Settings
 
 
@@ -38,6 +38,26 @@ def corpus_by_id(session: SessionDep, corpus_id: Annotated[str, Path(max_length=
 
 
 CorpusDep = Annotated[Corpus, Depends(corpus_by_id)]
+
+
+def job_by_id(session: SessionDep, job_id: Annotated[str, Path(max_length=40)]) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+JobDep = Annotated[Job, Depends(job_by_id)]
+
+
+def checkpoint_by_id(session: SessionDep, checkpoint_id: Annotated[str, Path(max_length=40)]) -> Checkpoint:
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        raise not_found("checkpoint", checkpoint_id)
+    return checkpoint
+
+
+CheckpointDep = Annotated[Checkpoint, Depends(checkpoint_by_id)]
 
 
 class PageParams:

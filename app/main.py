@@ -1,5 +1,6 @@
 """The FastAPI application: `create_app(settings)` wires the database, the routers and the error format."""
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -9,7 +10,9 @@ from sqlalchemy import text
 
 from app.db import Database
 from app.errors import error_body, install_error_handlers
-from app.routers import corpora
+from app.queue import make_celery
+from app.reaper import reap_forever
+from app.routers import corpora, jobs
 from app.settings import Settings, get_settings
 
 
@@ -21,12 +24,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app.state.settings = settings
         app.state.database = Database(settings.sqlalchemy_url)
+        app.state.celery = make_celery(settings)
+        reaper = asyncio.create_task(reap_forever(app.state.database, app.state.celery, settings))
         yield
+        reaper.cancel()
         app.state.database.dispose()
 
     app = FastAPI(title="ScratchLLM", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(corpora.router)
+    app.include_router(jobs.router)
 
     @app.get("/livez", tags=["health"])
     def livez() -> dict:

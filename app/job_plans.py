@@ -1,0 +1,71 @@
+"""Checking a job request against the database and the model library before it is queued."""
+
+from sqlalchemy.orm import Session
+
+from app.errors import APIError
+from app.models import Checkpoint, Corpus, Job, JobEvent
+from app.schemas.jobs import CORPUS_KIND_OF, JobCreate
+from model import ConfigError, GPTConfig
+from model.config import GPT2_VOCAB_SIZE
+
+
+def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
+    corpus = session.get(Corpus, corpus_id)
+    if corpus is None:
+        raise APIError(422, f"no corpus with id {corpus_id!r}", param=param)
+    if corpus.kind != kind:
+        raise APIError(422, f"corpus {corpus_id} is a {corpus.kind} corpus; this job needs a {kind} corpus",
+                       param=param)
+    return corpus
+
+
+def _model_config(request: JobCreate) -> dict:
+    tokenizer = request.tokenizer
+    vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
+    try:
+        config = GPTConfig.preset(request.model.preset, vocab_size=vocab_size, **request.model.overrides())
+    except ConfigError as e:
+        raise APIError(422, str(e), param="model") from None
+    block_size = request.hyperparameters.block_size
+    if block_size is not None and block_size > config.context_length:
+        raise APIError(422, f"block_size {block_size} exceeds the model's context length {config.context_length}",
+                       param="hyperparameters.block_size")
+    return config.to_dict()
+
+
+def _base_checkpoint(session: Session, request: JobCreate) -> Checkpoint:
+    checkpoint = session.get(Checkpoint, request.base_checkpoint_id)
+    if checkpoint is None:
+        raise APIError(422, f"no checkpoint with id {request.base_checkpoint_id!r}", param="base_checkpoint_id")
+    if checkpoint.task != "lm":
+        raise APIError(422, f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
+                            f"from a language model (task lm)", param="base_checkpoint_id")
+    n_layer = checkpoint.model_config["n_layer"]
+    if request.type == "finetune_classifier" and request.trainable_blocks > n_layer:
+        raise APIError(422, f"trainable_blocks {request.trainable_blocks} exceeds the base model's {n_layer} blocks",
+                       param="trainable_blocks")
+    max_length = request.hyperparameters.max_length
+    if max_length is not None and max_length > checkpoint.model_config["context_length"]:
+        raise APIError(422, f"max_length {max_length} exceeds the base model's context length "
+                            f"{checkpoint.model_config['context_length']}", param="hyperparameters.max_length")
+    return checkpoint
+
+
+def create_job(session: Session, request: JobCreate) -> Job:
+    """A queued Job row (and its first event) for a request that holds up; APIError names what does not."""
+    kind = CORPUS_KIND_OF[request.type]
+    _corpus(session, request.corpus_id, "corpus_id", kind)
+    if request.validation_corpus_id is not None:
+        _corpus(session, request.validation_corpus_id, "validation_corpus_id", kind)
+    spec = request.model_dump(mode="json")
+    if request.type == "pretrain":
+        spec["model_config"] = _model_config(request)
+    else:
+        _base_checkpoint(session, request)
+    job = Job(name=request.name, type=request.type, corpus_id=request.corpus_id,
+              validation_corpus_id=request.validation_corpus_id, base_checkpoint_id=request.base_checkpoint_id,
+              spec=spec, seed=request.seed, total_steps=request.hyperparameters.max_steps)
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
+    return job

@@ -1,0 +1,126 @@
+"""Jobs: create (validated, then queued), list, read, cancel, metrics, events and a live event stream."""
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from app.db import Database, utcnow
+from app.deps import JobDep, PageDep, SessionDep, SettingsDep
+from app.errors import APIError
+from app.job_plans import create_job
+from app.models import Job, JobEvent, Metric
+from app.queue import enqueue_job
+from app.schemas.common import Page
+from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatus, JobType, MetricSeries
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+FINISHED = ("succeeded", "failed", "cancelled")
+STREAM_POLL_S = 0.5
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def submit_job(request: Request, body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
+    job = create_job(session, body)
+    session.commit()
+    try:
+        enqueue_job(request.app.state.celery, settings, job.id)
+    except Exception as e:  # the broker did not take it: the job must not sit queued forever
+        job.status, job.error, job.finished_at = "failed", f"could not be queued: {e}", utcnow()
+        session.commit()
+        raise APIError(503, f"the job queue is unavailable ({type(e).__name__}); job {job.id} was not queued") from e
+    return JobOut.of(job)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(session: SessionDep, page: PageDep, status: Annotated[JobStatus | None, Query()] = None,
+              type: Annotated[JobType | None, Query()] = None) -> dict:
+    statement = select(Job)
+    if status is not None:
+        statement = statement.where(Job.status == status)
+    if type is not None:
+        statement = statement.where(Job.type == type)
+    rows, has_more = page.apply(session, statement, Job)
+    return {"data": [JobOut.of(job) for job in rows], "has_more": has_more}
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: JobDep) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+    """A queued job never starts; a running one stops at its next step, keeps a checkpoint, ends cancelled."""
+    if job.status in FINISHED:
+        raise APIError(409, f"job {job.id} already ended {job.status}", param="job_id")
+    if job.status == "queued":
+        # conditional: a worker may be taking the job at this very moment
+        taken = session.execute(Job.__table__.update().where(Job.id == job.id, Job.status == "queued").values(
+            status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
+        if taken:
+            session.add(JobEvent(job_id=job.id, type="status", message="job cancelled before it started",
+                                 data={"status": "cancelled"}))
+            session.commit()
+            session.refresh(job)
+            return JobOut.of(job)
+    session.execute(Job.__table__.update().where(Job.id == job.id).values(cancel_requested=True))
+    session.add(JobEvent(job_id=job.id, type="cancel", message="cancellation requested"))
+    session.commit()
+    session.refresh(job)
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricSeries)
+def job_metrics(job: JobDep, session: SessionDep, name: Annotated[str, Query(max_length=50)],
+                since_step: Annotated[int, Query(ge=0)] = 0) -> dict:
+    rows = session.scalars(select(Metric).where(Metric.job_id == job.id, Metric.name == name,
+                                                Metric.step >= since_step).order_by(Metric.step)).all()
+    return {"job_id": job.id, "name": name, "data": [{"step": m.step, "value": m.value, "time": m.time}
+                                                     for m in rows]}
+
+
+def _events(session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                .order_by(JobEvent.id).limit(limit)))
+
+
+@router.get("/{job_id}/events", response_model=Page[EventOut])
+def job_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    """The job's events, oldest first; pass the last id as `after` for the next page."""
+    rows = _events(session, job.id, after, limit + 1)
+    return {"data": rows[:limit], "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}/events/stream")
+async def stream_job_events(request: Request, job: JobDep,
+                            last_event_id: Annotated[int | None, Header(ge=0)] = None) -> StreamingResponse:
+    """Server-sent events: every event of the job as it happens, until the job ends."""
+    database: Database = request.app.state.database
+    job_id = job.id
+
+    def poll(after: int) -> tuple[list[dict], str]:
+        with database.session() as session:
+            events = [EventOut.model_validate(e).model_dump(mode="json") for e in _events(session, job_id, after, 500)]
+            return events, session.get(Job, job_id).status
+
+    async def follow():
+        after = last_event_id or 0
+        while not await request.is_disconnected():
+            events, status = await run_in_threadpool(poll, after)
+            for event in events:
+                after = event["id"]
+                yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if not events and status in FINISHED:
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            if not events:
+                await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(follow(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

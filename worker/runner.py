@@ -1,0 +1,119 @@
+"""Running one job in a worker process: take its lease, train, report, and end it in exactly one state."""
+
+import logging
+import signal
+import threading
+
+from sqlalchemy import select
+
+from app.db import Database
+from app.models import Checkpoint, Corpus, Job
+from app.queue import enqueue_job, make_celery
+from app.settings import Settings
+from model import Trainer, load_checkpoint
+from worker.leases import claim, heartbeat, release
+from worker.reporting import JobReporter
+from worker.training import checkpoints_dir, plan_job
+
+log = logging.getLogger(__name__)
+_databases: dict[str, Database] = {}
+
+
+def _database(settings: Settings) -> Database:
+    url = settings.sqlalchemy_url
+    if url not in _databases:
+        _databases[url] = Database(url)
+    return _databases[url]
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the lease while a long step (or the data preparation) keeps the trainer from reporting."""
+
+    def __init__(self, database: Database, job_id: str, owner: str, interval_s: float):
+        super().__init__(daemon=True)
+        self.database, self.job_id, self.owner, self.interval_s = database, job_id, owner, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                heartbeat(self.database, self.job_id, self.owner)
+            except Exception:  # a brief database outage: the next beat tries again
+                log.exception("heartbeat of job %s failed", self.job_id)
+
+
+def _resume_point(session, job_id: str, settings: Settings) -> Checkpoint | None:
+    """The job's latest checkpoint whose directory still holds its training state."""
+    for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                      .order_by(Checkpoint.step.desc())):
+        if (settings.data_dir / checkpoint.path / "training.json").is_file():
+            return checkpoint
+    return None
+
+
+def run(settings: Settings, job_id: str, owner: str) -> None:
+    database = _database(settings)
+    if not claim(database, job_id, owner, settings.heartbeat_timeout_s):
+        log.info("job %s is not ours to run (finished, cancelled or leased by a live worker)", job_id)
+        return
+    beat = _Heartbeat(database, job_id, owner, settings.heartbeat_interval_s)
+    beat.start()
+    reporter = None
+    shutdown = threading.Event()
+    # a pool process is told to stop with SIGTERM: finish the step, checkpoint, hand the job back
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: shutdown.set()) if in_main_thread else None
+    try:
+        with database.session() as session:
+            job = session.get(Job, job_id)
+            corpus_ids = [i for i in (job.corpus_id, job.validation_corpus_id) if i]
+            corpora = dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids))).all())
+            base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
+            resume = _resume_point(session, job_id, settings)
+        plan = plan_job(job, settings, corpora, base.path if base else None)
+        reporter = JobReporter(database, job_id, owner, settings.data_dir, base.id if base else None,
+                               plan.prompt_format)
+        reporter.should_stop = _stop_also_on(shutdown, reporter)
+        trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, checkpoints_dir(settings, job_id),
+                          reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
+                          parent=base.id if base else None)
+        if resume is not None:
+            _load_weights(plan.model, settings.data_dir / resume.path)
+            trainer.resume(settings.data_dir / resume.path)
+            reporter.event("resume", f"resumed from the checkpoint at step {resume.step}",
+                           {"checkpoint_id": resume.id, "step": resume.step})
+        result = trainer.train()
+        reporter.flush()
+    except Exception as e:
+        log.exception("job %s failed", job_id)
+        release(database, job_id, owner, "failed", f"job failed: {e}", error=f"{type(e).__name__}: {e}")
+        return
+    finally:
+        beat.stopped.set()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if result.status == "completed":
+        release(database, job_id, owner, "succeeded", f"job succeeded at step {result.step}",
+                data={"metrics": result.metrics})
+    elif reporter.stop_reason == "cancelled":
+        release(database, job_id, owner, "cancelled", f"job cancelled at step {result.step}")
+    elif reporter.stop_reason == "shutdown" and release(
+            database, job_id, owner, "queued", f"worker shutting down: job re-queued at step {result.step}"):
+        enqueue_job(make_celery(settings), settings, job_id)
+    # "lease lost": the job was taken from us (we were presumed dead); whoever holds it now ends it
+
+
+def _stop_also_on(shutdown: threading.Event, reporter: JobReporter):
+    checks_database = reporter.should_stop
+
+    def should_stop() -> bool:
+        if shutdown.is_set() and reporter.stop_reason is None:
+            reporter.stop_reason = "shutdown"
+        return checks_database() or reporter.stop_reason is not None
+
+    return should_stop
+
+
+def _load_weights(model, path) -> None:
+    loaded, _, _ = load_checkpoint(path)
+    model.load_state_dict(loaded.state_dict())

@@ -1,0 +1,179 @@
+"""From a job's spec to a ready Trainer: tokenizer, data, model and task, as the job type asks."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.models import Job
+from app.settings import Settings
+from model import (
+    GPT,
+    ClassificationTask,
+    GPTClassifier,
+    GPTConfig,
+    InstructionTask,
+    LoRAConfig,
+    PretrainTask,
+    TrainConfig,
+    apply_lora,
+    encode_classification,
+    encode_instruction,
+    freeze_for_finetune,
+    get_tokenizer,
+    gpt2_tokenizer,
+    load_checkpoint,
+    open_tokens,
+    read_classification_file,
+    read_instruction_file,
+    split_dataset,
+    split_tokens,
+    tokenize_to_memmap,
+    train_bpe,
+)
+from model.data import read_token_info
+
+
+@dataclass
+class Plan:
+    model: torch.nn.Module
+    task: object
+    config: TrainConfig
+    tokenizer: object
+    label_names: list[str] | None = None
+    lora: LoRAConfig | None = None
+    prompt_format: str | None = None
+
+
+def corpus_path(settings: Settings, corpus_id: str, fmt: str) -> Path:
+    return settings.corpora_dir / corpus_id / f"data.{fmt}"
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.data_dir / "jobs" / job_id
+
+
+def checkpoints_dir(settings: Settings, job_id: str) -> Path:
+    return settings.checkpoints_dir / job_id
+
+
+def train_config(spec: dict) -> TrainConfig:
+    hp = spec["hyperparameters"]
+    return TrainConfig(max_steps=hp["max_steps"], learning_rate=hp["learning_rate"],
+                       min_learning_rate=hp["min_learning_rate"], warmup_steps=hp["warmup_steps"],
+                       weight_decay=hp["weight_decay"], grad_clip=hp["grad_clip"],
+                       grad_accum_steps=hp["grad_accum_steps"], eval_interval=hp["eval_interval"],
+                       eval_batches=hp["eval_batches"], sample_interval=hp["sample_interval"],
+                       sample_prompt=hp["sample_prompt"], sample_tokens=hp["sample_tokens"],
+                       checkpoint_interval=hp["checkpoint_interval"], compile=hp["compile"])
+
+
+def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
+    """GPT-2's tokenizer, or a BPE trained on the corpus once and kept, so a resumed job reuses it."""
+    if spec["tokenizer"] == "gpt2":
+        return gpt2_tokenizer()
+    saved = work / "tokenizer.json"
+    if saved.is_file():
+        return get_tokenizer(saved)
+    with open(text_path, encoding="utf-8") as f:
+        tokenizer = train_bpe(iter(lambda: f.read(1 << 20), ""), spec["tokenizer"]["vocab_size"])
+    saved.write_text(json.dumps(tokenizer.spec()))
+    return tokenizer
+
+
+def _tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
+    try:
+        read_token_info(out)
+    except ValueError:  # not there, or left half-written by a killed worker
+        tokenize_to_memmap(text_path, tokenizer, out)
+    return open_tokens(out)
+
+
+def _plan_pretrain(job: Job, settings: Settings, corpora: dict, work: Path) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    text_path = corpus_path(settings, job.corpus_id, corpora[job.corpus_id])
+    tokenizer = _pretrain_tokenizer(spec, text_path, work)
+    config = GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size})
+    block = hp["block_size"] or config.context_length
+    tokens = _tokens(text_path, tokenizer, work / "train.bin")
+    if job.validation_corpus_id:
+        val_path = corpus_path(settings, job.validation_corpus_id, corpora[job.validation_corpus_id])
+        train, val = tokens, _tokens(val_path, tokenizer, work / "val.bin")
+    else:
+        train, val = split_tokens(tokens, spec["validation_fraction"], block)
+    task = PretrainTask(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed, stride=hp["stride"])
+    return Plan(GPT(config), task, train_config(spec), tokenizer)
+
+
+def _base(settings: Settings, base_path: str):
+    model, tokenizer, meta = load_checkpoint(settings.data_dir / base_path)
+    return model.train(), tokenizer, meta
+
+
+def _lora(spec: dict) -> LoRAConfig | None:
+    lora = spec.get("lora")
+    return LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]),
+                      dropout=lora["dropout"]) if lora else None
+
+
+def _plan_classifier(job: Job, settings: Settings, corpora: dict, base_path: str) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    base, tokenizer, _ = _base(settings, base_path)
+    data = read_classification_file(corpus_path(settings, job.corpus_id, corpora[job.corpus_id]))
+    if job.validation_corpus_id:
+        val = read_classification_file(corpus_path(settings, job.validation_corpus_id,
+                                                   corpora[job.validation_corpus_id]), label_names=data.label_names)
+    else:
+        data, val = split_dataset(data,
+                                  (1 - spec["validation_fraction"], spec["validation_fraction"]), job.seed)
+    max_length = hp["max_length"] or base.config.context_length
+    train_ids = encode_classification(data.texts, tokenizer, max_length=max_length)
+    val_ids = encode_classification(val.texts, tokenizer, max_length=max_length)
+    task = ClassificationTask((*train_ids, torch.tensor(data.labels)), (*val_ids, torch.tensor(val.labels)),
+                              batch_size=hp["batch_size"], seed=job.seed)
+    model = GPTClassifier.from_lm(base, len(data.label_names))
+    lora = _lora(spec)
+    if lora is not None:
+        apply_lora(model, lora, trainable=(model.head,))
+    else:
+        freeze_for_finetune(model, spec["trainable_blocks"])
+    return Plan(model, task, train_config(spec), tokenizer, label_names=list(data.label_names), lora=lora)
+
+
+def _plan_instruct(job: Job, settings: Settings, corpora: dict, base_path: str) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    model, tokenizer, _ = _base(settings, base_path)
+    records = read_instruction_file(corpus_path(settings, job.corpus_id, corpora[job.corpus_id]))
+    if job.validation_corpus_id:
+        val_records = read_instruction_file(corpus_path(settings, job.validation_corpus_id,
+                                                        corpora[job.validation_corpus_id]))
+    else:
+        n_val = max(1, int(len(records) * spec["validation_fraction"]))
+        if len(records) - n_val < 1:
+            raise ValueError(f"{len(records)} instruction record(s) cannot be split into training and validation")
+        order = np.random.default_rng(job.seed).permutation(len(records))
+        val_records = [records[i] for i in order[:n_val]]
+        records = [records[i] for i in order[n_val:]]
+    max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
+    task = InstructionTask([encode_instruction(r, tokenizer) for r in records],
+                           [encode_instruction(r, tokenizer) for r in val_records], batch_size=hp["batch_size"],
+                           seed=job.seed, pad_id=tokenizer.eot_id, max_length=max_length,
+                           mask_prompt=spec["mask_prompt"])
+    lora = _lora(spec)
+    if lora is not None:
+        apply_lora(model, lora)
+    return Plan(model, task, train_config(spec), tokenizer, lora=lora, prompt_format="alpaca")
+
+
+def plan_job(job: Job, settings: Settings, corpora: dict[str, str], base_path: str | None) -> Plan:
+    """corpora maps the job's corpus ids to their formats; base_path is the base checkpoint's directory
+    relative to the data dir (finetunes)."""
+    work = job_dir(settings, job.id)
+    work.mkdir(parents=True, exist_ok=True)
+    if job.type == "pretrain":
+        return _plan_pretrain(job, settings, corpora, work)
+    if job.type == "finetune_classifier":
+        return _plan_classifier(job, settings, corpora, base_path)
+    return _plan_instruct(job, settings, corpora, base_path)
