@@ -17,20 +17,38 @@ MAX_FIELD_BYTES = 64 * 1024
 
 
 @dataclass
-class Upload:
-    fields: dict[str, str] = field(default_factory=dict)
+class ReceivedFile:
     filename: str | None = None  # as the client named it; never used as a path
     size: int = 0
     sha256: str = ""
 
 
-class _Receiver:
-    """Multipart callbacks: the part named `file_field` goes to `path`, other parts become text fields."""
+@dataclass
+class Upload:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, ReceivedFile] = field(default_factory=dict)
 
-    def __init__(self, path: Path, file_field: str, max_bytes: int):
-        self.path, self.file_field, self.max_bytes = path, file_field, max_bytes
+    @property
+    def filename(self) -> str | None:
+        return self.files["file"].filename
+
+    @property
+    def size(self) -> int:
+        return self.files["file"].size
+
+    @property
+    def sha256(self) -> str:
+        return self.files["file"].sha256
+
+
+class _Receiver:
+    """Multipart callbacks: each part named in `paths` goes to its file, other parts become text fields."""
+
+    def __init__(self, paths: dict[str, Path], max_bytes: int):
+        self.paths, self.max_bytes = paths, max_bytes
         self.upload = Upload()
-        self.digest = hashlib.sha256()
+        self.digests = {name: hashlib.sha256() for name in paths}
+        self.open_files: dict[str, object] = {}
         self.file = None
         self.headers: dict[bytes, bytes] = {}
         self.header_field = b""
@@ -60,21 +78,24 @@ class _Receiver:
     def headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
         self.part_name = options.get(b"name", b"").decode("utf-8", "replace")
-        if self.part_name == self.file_field:
-            if self.file is not None:
-                raise APIError(422, f"more than one {self.file_field!r} part", param=self.file_field)
+        self.file = None
+        if self.part_name in self.paths:
+            if self.part_name in self.open_files:
+                raise APIError(422, f"more than one {self.part_name!r} part", param=self.part_name)
             filename = options.get(b"filename")
-            self.upload.filename = filename.decode("utf-8", "replace") if filename else None
-            self.file = open(self.path, "wb")  # noqa: SIM115  (closed in finish)
+            self.upload.files[self.part_name] = ReceivedFile(filename.decode("utf-8", "replace") if filename else None)
+            self.file = open(self.paths[self.part_name], "wb")  # noqa: SIM115  (closed in finish)
+            self.open_files[self.part_name] = self.file
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        if self.part_name == self.file_field:
-            self.upload.size += len(chunk)
-            if self.upload.size > self.max_bytes:
-                raise APIError(413, f"the file is larger than the upload limit of {self.max_bytes:,} bytes",
-                               param=self.file_field)
-            self.digest.update(chunk)
+        if self.file is not None:
+            received = self.upload.files[self.part_name]
+            received.size += len(chunk)
+            if sum(f.size for f in self.upload.files.values()) > self.max_bytes:
+                raise APIError(413, f"the upload exceeds the upload limit of {self.max_bytes:,} bytes",
+                               param=self.part_name)
+            self.digests[self.part_name].update(chunk)
             self.file.write(chunk)
         else:
             self.part_value += chunk
@@ -82,42 +103,49 @@ class _Receiver:
                 raise APIError(413, f"form field {self.part_name!r} is too large", param=self.part_name)
 
     def part_end(self) -> None:
-        if self.part_name and self.part_name != self.file_field:
+        if self.part_name and self.part_name not in self.paths:
             try:
                 self.upload.fields[self.part_name] = self.part_value.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise APIError(422, f"form field {self.part_name!r} is not UTF-8", param=self.part_name) from e
 
     def finish(self) -> Upload:
-        if self.file is not None:
-            self.file.close()
-        self.upload.sha256 = self.digest.hexdigest()
+        for name, file in self.open_files.items():
+            file.close()
+            self.upload.files[name].sha256 = self.digests[name].hexdigest()
         return self.upload
 
 
-async def receive_upload(request: Request, path: Path, max_bytes: int, file_field: str = "file") -> Upload:
-    """Stream the multipart request's `file_field` part into path; on any error path is removed."""
+async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: int) -> Upload:
+    """Stream the multipart request's file parts named in paths into those files; every one is required.
+    On any error the files are removed."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
-        raise APIError(415, "send the corpus as multipart/form-data with a 'file' part")
+        raise APIError(415, f"send multipart/form-data with the part(s) {', '.join(map(repr, paths))}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES * 8:
-        raise APIError(413, f"the request is larger than the upload limit of {max_bytes:,} bytes", param="file")
-    receiver = _Receiver(path, file_field, max_bytes)
+        raise APIError(413, f"the request exceeds the upload limit of {max_bytes:,} bytes")
+    receiver = _Receiver(paths, max_bytes)
     parser = MultipartParser(options[b"boundary"], receiver.callbacks())
+
+    def discard() -> None:
+        receiver.finish()
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
     except APIError:
-        receiver.finish()
-        path.unlink(missing_ok=True)
+        discard()
         raise
     except Exception as e:  # the multipart parser's own errors: a malformed body
-        receiver.finish()
-        path.unlink(missing_ok=True)
+        discard()
         raise APIError(400, f"malformed multipart body: {e}") from e
     upload = receiver.finish()
-    if receiver.file is None:
-        raise APIError(422, f"the request has no {file_field!r} file part", param=file_field)
+    missing = [name for name in paths if name not in upload.files]
+    if missing:
+        discard()
+        raise APIError(422, f"the request has no {missing[0]!r} file part", param=missing[0])
     return upload

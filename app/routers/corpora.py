@@ -35,7 +35,7 @@ async def upload_corpus(request: Request, session: SessionDep, settings: Setting
     staging_dir = settings.corpora_dir / ".staging"
     staging_dir.mkdir(parents=True, exist_ok=True)
     staging = staging_dir / uuid.uuid4().hex
-    upload = await receive_upload(request, staging, settings.max_upload_bytes)
+    upload = await receive_upload(request, {"file": staging}, settings.max_upload_bytes)
     try:
         kind = upload.fields.get("kind")
         if kind not in FORMATS:
