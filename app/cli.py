@@ -111,7 +111,8 @@ def worker(_args: argparse.Namespace) -> None:
 
     if settings.broker_url is None:
         clear_stale_bindings(settings)
-    celery.worker_main(["worker", "--pool=prefork", "--concurrency=1", f"--queues={settings.training_queue}",
+    celery.worker_main(["worker", "--pool=prefork", f"--concurrency={settings.worker_concurrency}",
+                        f"--queues={settings.training_queue}",
                         "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 
 

@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     training_queue: str = "gpu"
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
     api_keys_required: bool = Field(False, description="refuse requests without a key even before one exists")
+    worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker: one per GPU")
     worker_soft_shutdown_s: float = Field(60.0, gt=0)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")

@@ -59,6 +59,16 @@ def checkpoints_dir(settings: Settings, job_id: str) -> Path:
     return settings.checkpoints_dir / job_id
 
 
+def pool_device() -> str:
+    """This pool process's device: with one pool process per GPU, the n-th process trains on GPU n."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", 0) or 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
 def train_config(spec: dict) -> TrainConfig:
     hp = spec["hyperparameters"]
     return TrainConfig(max_steps=hp["max_steps"], learning_rate=hp["learning_rate"],
@@ -67,7 +77,7 @@ def train_config(spec: dict) -> TrainConfig:
                        grad_accum_steps=hp["grad_accum_steps"], eval_interval=hp["eval_interval"],
                        eval_batches=hp["eval_batches"], sample_interval=hp["sample_interval"],
                        sample_prompt=hp["sample_prompt"], sample_tokens=hp["sample_tokens"],
-                       checkpoint_interval=hp["checkpoint_interval"], compile=hp["compile"])
+                       checkpoint_interval=hp["checkpoint_interval"], compile=hp["compile"], device=pool_device())
 
 
 def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
