@@ -23,7 +23,7 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,
         "worker_prefetch_multiplier": 1,
         "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_s,
-        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_enable_soft_shutdown_on_idle": False,  # an idle worker stops at once
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
     }

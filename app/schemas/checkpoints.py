@@ -1,0 +1,29 @@
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    object: Literal["checkpoint"] = "checkpoint"
+    job_id: str | None
+    step: int
+    task: Literal["lm", "classifier"]
+    label_names: list[str] | None
+    metrics: dict[str, float]
+    architecture: dict[str, Any]  # the GPTConfig of the model
+    tokenizer_type: str
+    prompt_format: str | None
+    parent_id: str | None
+    source: Literal["training", "import"]
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, checkpoint) -> "CheckpointOut":
+        return cls(id=checkpoint.id, job_id=checkpoint.job_id, step=checkpoint.step, task=checkpoint.task,
+                   label_names=checkpoint.label_names, metrics=checkpoint.metrics,
+                   architecture=checkpoint.model_config, tokenizer_type=checkpoint.tokenizer_type,
+                   prompt_format=checkpoint.prompt_format, parent_id=checkpoint.parent_id, source=checkpoint.source,
+                   size_bytes=checkpoint.size_bytes, created_at=checkpoint.created_at)
