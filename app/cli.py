@@ -5,6 +5,7 @@
     scratchllm api [--host H] [--port P]     serve the API (settings from SCRATCHLLM_* variables)
     scratchllm worker                        run a training worker (Celery)
     scratchllm db upgrade                    apply the database migrations
+    scratchllm keys create --name N [--scope read|train|admin]   create an API key (printed once)
     scratchllm demo [--steps N] [--text FILE] [--out DIR]
 
 `demo` trains a byte-level BPE tokenizer and a tiny GPT on a text (a bundled sample by default) on this
@@ -160,6 +161,18 @@ def db_upgrade(_args: argparse.Namespace) -> None:
     print("database is at the latest revision")
 
 
+def keys_create(args: argparse.Namespace) -> None:
+    from app.db import Database
+    from app.routers.keys import create_key
+    from app.settings import get_settings
+
+    database = Database(get_settings().sqlalchemy_url)
+    with database.session() as session:
+        api_key, key = create_key(session, args.name, args.scope)
+        print(f"created {api_key.scope} key {api_key.id} ({args.name}); it is shown only now:\n{key}")
+    database.dispose()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scratchllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     db_parser = commands.add_parser("db", help="database maintenance")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply the migrations").set_defaults(handler=db_upgrade)
+    keys_parser = commands.add_parser("keys", help="API keys")
+    keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True)
+    create_parser = keys_commands.add_parser("create", help="create an API key and print it once")
+    create_parser.add_argument("--name", required=True)
+    create_parser.add_argument("--scope", choices=["read", "train", "admin"], default="admin")
+    create_parser.set_defaults(handler=keys_create)
     args = parser.parse_args(argv)
     args.handler(args)
 

@@ -12,7 +12,7 @@ from app.db import Database
 from app.errors import error_body, install_error_handlers
 from app.queue import make_celery
 from app.reaper import reap_forever
-from app.routers import checkpoints, corpora, jobs
+from app.routers import checkpoints, corpora, jobs, keys
 from app.settings import Settings, get_settings
 
 
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(corpora.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
+    app.include_router(keys.router)
 
     @app.get("/livez", tags=["health"])
     def livez() -> dict:

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 
+from app.auth import ReadOrTrain
 from app.db import new_id
 from app.deps import CheckpointDep, PageDep, SessionDep, SettingsDep
 from app.errors import APIError
@@ -22,7 +23,7 @@ from app.uploads import receive_upload
 from model import gpt2_tokenizer, import_hf_gpt2, save_checkpoint
 from model.config import GPT2_VOCAB_SIZE
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[ReadOrTrain])
 
 
 @router.get("", response_model=Page[CheckpointOut])

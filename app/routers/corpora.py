@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
+from app.auth import ReadOrTrain
 from app.corpus_files import FORMATS, CorpusContentError, check_corpus, format_of
 from app.deps import CorpusDep, PageDep, SessionDep, SettingsDep
 from app.errors import APIError
@@ -18,7 +19,7 @@ from app.schemas.common import Deleted, Page
 from app.schemas.corpora import CorpusKind, CorpusOut
 from app.uploads import receive_upload
 
-router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
+router = APIRouter(prefix="/v1/corpora", tags=["corpora"], dependencies=[ReadOrTrain])
 MEDIA_TYPES = {"txt": "text/plain; charset=utf-8", "csv": "text/csv; charset=utf-8",
                "tsv": "text/tab-separated-values; charset=utf-8", "jsonl": "application/jsonl",
                "json": "application/json"}

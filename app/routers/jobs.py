@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from app.auth import ReadOrTrain
 from app.db import Database, utcnow
 from app.deps import JobDep, PageDep, SessionDep, SettingsDep
 from app.errors import APIError
@@ -18,7 +19,7 @@ from app.queue import enqueue_job
 from app.schemas.common import Page
 from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatus, JobType, MetricSeries
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
 FINISHED = ("succeeded", "failed", "cancelled")
 STREAM_POLL_S = 0.5
 

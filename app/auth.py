@@ -1,0 +1,70 @@
+"""API keys: `Authorization: Bearer <key>` with a scope (read < train < admin), stored as sha256 hashes.
+
+While no key exists (and SCRATCHLLM_API_KEYS_REQUIRED is off) the API is open, so a fresh install works
+at once and its first admin key can be created through the API; from the first key on, every endpoint
+but the health checks needs a key.
+"""
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from fastapi import Depends, Request
+from sqlalchemy import select, update
+
+from app.db import utcnow
+from app.deps import SessionDep, SettingsDep
+from app.errors import APIError
+from app.models import API_KEY_SCOPES, ApiKey
+
+KEY_PREFIX = "sk-scratch-"
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most this often
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _rank(scope: str) -> int:
+    return API_KEY_SCOPES.index(scope)
+
+
+def _check(request: Request, session, settings, needed: str) -> ApiKey | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if not header:
+        if not settings.api_keys_required and session.scalar(
+                select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is None:
+            return None  # no keys yet: open
+        raise APIError(401, "this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "malformed Authorization header: expected 'Bearer <key>'")
+    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip()),
+                                                  ApiKey.revoked_at.is_(None)))
+    if api_key is None:
+        raise APIError(401, "unknown or revoked API key")
+    if _rank(api_key.scope) < _rank(needed):
+        raise APIError(403, f"this key's scope is {api_key.scope!r}; the request needs {needed!r}")
+    now = utcnow()
+    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+        session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
+        session.commit()
+    return api_key
+
+
+def read_or_train(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
+    """Reading needs `read`; anything that changes state needs `train`."""
+    needed = "read" if request.method in ("GET", "HEAD") else "train"
+    return _check(request, session, settings, needed)
+
+
+def admin(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
+    return _check(request, session, settings, "admin")
+
+
+ReadOrTrain = Depends(read_or_train)
+Admin = Depends(admin)

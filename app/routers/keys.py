@@ -1,0 +1,47 @@
+"""API keys (admin scope): create (the key is shown once), list, revoke."""
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from app.auth import Admin, hash_key, new_key
+from app.db import utcnow
+from app.deps import PageDep, SessionDep
+from app.errors import APIError, not_found
+from app.models import ApiKey
+from app.schemas.common import Page
+from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
+
+router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], dependencies=[Admin])
+
+
+def create_key(session, name: str, scope: str) -> tuple[ApiKey, str]:
+    key = new_key()
+    api_key = ApiKey(name=name, scope=scope, key_hash=hash_key(key), prefix=key[:15])
+    session.add(api_key)
+    session.flush()
+    return api_key, key
+
+
+@router.post("", status_code=201, response_model=KeyCreated)
+def create(body: KeyCreate, session: SessionDep) -> dict:
+    api_key, key = create_key(session, body.name, body.scope)
+    session.commit()
+    return {**KeyOut.model_validate(api_key).model_dump(), "key": key}
+
+
+@router.get("", response_model=Page[KeyOut])
+def list_keys(session: SessionDep, page: PageDep) -> dict:
+    rows, has_more = page.apply(session, select(ApiKey), ApiKey)
+    return {"data": rows, "has_more": has_more}
+
+
+@router.delete("/{key_id}", response_model=KeyOut)
+def revoke(key_id: str, session: SessionDep) -> ApiKey:
+    api_key = session.get(ApiKey, key_id)
+    if api_key is None:
+        raise not_found("api key", key_id)
+    if api_key.revoked_at is not None:
+        raise APIError(409, f"api key {key_id} is already revoked", param="key_id")
+    api_key.revoked_at = utcnow()
+    session.commit()
+    return api_key
