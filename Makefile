@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 
-.PHONY: install run test lint bench
+.PHONY: install run demo test bench
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/scratchllm up
+
+demo: $(STAMP)
 	$(VENV)/bin/scratchllm demo
 
 test: $(STAMP)

@@ -64,7 +64,7 @@ def test_invalid_key_requests(api, body):
     assert response.status_code == 422 and response.json()["error"]["param"]
 
 
-def test_cli_creates_a_key_when_keys_are_required(tmp_path, monkeypatch):
+def test_cli_creates_a_key_when_keys_are_required(tmp_path):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
