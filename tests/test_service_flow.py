@@ -202,3 +202,21 @@ def test_a_killed_worker_job_resumes_on_another_without_duplicate_metrics(servic
     steps = [p["step"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
                                                     params={"name": "train_loss"}).json()["data"]]
     assert steps == list(range(1, 41))
+
+
+def test_a_stopped_worker_hands_its_job_back_and_another_finishes_it(service, shared_data):
+    first = service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=60, checkpoint_interval=0, eval_interval=0))
+    service.wait_for(job["id"], lambda j: j["progress"]["step"] >= 5)
+    os.kill(first.pid, signal.SIGTERM)  # as docker stop or Ctrl-C does: a soft shutdown
+    first.wait(timeout=30)
+    handed_back = service.job(job["id"])
+    assert handed_back["status"] == "queued", handed_back
+    service.start_worker()
+    done = service.wait_until_done(job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    events = [e["message"] for e in service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert any(m.startswith("worker shutting down") for m in events)
+    assert any(m.startswith("resumed from") for m in events)
+    assert metric_rows(service.settings, job["id"], "train_loss") == 60

@@ -11,11 +11,13 @@ from app.models import Checkpoint, Corpus, Job
 from app.queue import enqueue_job, make_celery
 from app.settings import Settings
 from model import Trainer, load_checkpoint
+from worker.handback import HAND_BACK_SIGNAL
 from worker.leases import claim, heartbeat, release
 from worker.reporting import JobReporter
 from worker.training import checkpoints_dir, plan_job
 
 log = logging.getLogger(__name__)
+
 _databases: dict[str, Database] = {}
 
 
@@ -60,9 +62,9 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     beat.start()
     reporter = None
     shutdown = threading.Event()
-    # a pool process is told to stop with SIGTERM: finish the step, checkpoint, hand the job back
+    # the worker shutting down signals its pool processes: finish the step, checkpoint, hand the job back
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: shutdown.set()) if in_main_thread else None
+    previous = signal.signal(HAND_BACK_SIGNAL, lambda *_: shutdown.set()) if in_main_thread else None
     try:
         with database.session() as session:
             job = session.get(Job, job_id)
@@ -91,7 +93,7 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     finally:
         beat.stopped.set()
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(HAND_BACK_SIGNAL, previous)
     if result.status == "completed":
         release(database, job_id, owner, "succeeded", f"job succeeded at step {result.step}",
                 data={"metrics": result.metrics})
