@@ -54,9 +54,13 @@ def _base_checkpoint(session: Session, request: JobCreate) -> Checkpoint:
 def create_job(session: Session, request: JobCreate) -> Job:
     """A queued Job row (and its first event) for a request that holds up; APIError names what does not."""
     kind = CORPUS_KIND_OF[request.type]
-    _corpus(session, request.corpus_id, "corpus_id", kind)
+    corpus = _corpus(session, request.corpus_id, "corpus_id", kind)
     if request.validation_corpus_id is not None:
-        _corpus(session, request.validation_corpus_id, "validation_corpus_id", kind)
+        validation = _corpus(session, request.validation_corpus_id, "validation_corpus_id", kind)
+        unknown = sorted(set(validation.label_names or []) - set(corpus.label_names or []))
+        if unknown:
+            raise APIError(422, f"validation corpus labels {unknown} do not occur in the training corpus "
+                                f"(labels {corpus.label_names})", param="validation_corpus_id")
     spec = request.model_dump(mode="json")
     if request.type == "pretrain":
         spec["model_config"] = _model_config(request)
