@@ -1,0 +1,193 @@
+"""A continuous-batching inference engine for one model, on its own thread.
+
+Requests join the running batch at any decode step and leave it when they finish. Each request has its
+own slot in a shared KV cache, its own sampling parameters, seed, stop strings and token budget. A new
+request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
+sequences already running for long. Events are handed to each request's callback on the engine thread.
+"""
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import Decoder, StreamEvent, make_generators
+from model.gpt import GPT
+from model.sampling import SamplingParams, next_token
+from model.streaming import TextStream
+
+PREFILL_CHUNK = 128  # prompt tokens prefilled per engine iteration
+
+
+class QueueFull(Exception):
+    """The engine holds as many waiting requests as it may: try again later."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    on_event: Callable[[StreamEvent | Exception], None]
+    eos_id: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    aborted: bool = False
+    # engine state
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # of the next token, once the prompt is prefilled
+
+    def abort(self) -> None:
+        """Stop generating for this request at the next engine iteration (client gone, timeout)."""
+        self.aborted = True
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.decoder = Decoder(model, max_batch)
+        self.free_slots = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.wakeup = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+        self.decode_steps = 0
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopped = True
+            self.wakeup.notify()
+        self.thread.join()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting requests, running sequences)."""
+        return len(self.waiting), len(self.running)
+
+    def submit(self, request: Request) -> Request:
+        if not request.prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if request.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if len(request.prompt) + 1 > self.model.config.context_length:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context length "
+                             f"{self.model.config.context_length}")
+        with self.wakeup:
+            if self.stopped:
+                raise RuntimeError("the engine is stopped")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wakeup:
+                while not self.stopped and not self.waiting and not self.running:
+                    self.wakeup.wait()
+                if self.stopped:
+                    break
+                self._admit()
+            with torch.inference_mode():
+                try:
+                    self._prefill_step()
+                    self._decode_step()
+                except Exception as e:  # a fault of the engine: every request in flight learns of it
+                    for request in self.running:
+                        request.on_event(e)
+                        self._release(request)
+                    self.running = []
+        for request in [*self.running, *self.waiting]:
+            request.on_event(RuntimeError("the engine stopped"))
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            if request.aborted:
+                continue
+            request.slot = self.free_slots.pop()
+            request.text = TextStream(self.tokenizer, request.stop)
+            request.generator = (make_generators(request.seed, 1, self.decoder.cache.k.device) or [None])[0]
+            self.decoder.cache.lengths[request.slot] = 0
+            self.running.append(request)
+
+    def _release(self, request: Request) -> None:
+        self.free_slots.append(request.slot)
+
+    def _prefill_step(self) -> None:
+        """Advance the prompt of one request that is still being prefilled, by one chunk."""
+        for request in self.running:
+            if request.logits is None and not request.aborted:
+                chunk = request.prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
+                idx = torch.tensor([chunk], device=self.decoder.cache.k.device)
+                logits = self.decoder.logits(idx, torch.tensor([request.slot], device=idx.device))
+                request.prefilled += len(chunk)
+                if request.prefilled == len(request.prompt):
+                    request.logits = logits
+                return
+
+    def _decode_step(self) -> None:
+        ready = []
+        for request in list(self.running):
+            if request.aborted:
+                self._finish(request, None)
+            elif request.logits is not None:
+                ready.append(request)
+        if not ready:
+            return
+        tokens = []
+        for request in ready:
+            seen = torch.tensor([request.prompt + request.generated], device=request.logits.device)
+            generators = None if request.generator is None else [request.generator]
+            tokens.append(int(next_token(request.logits, request.params, seen, generators)))
+        continuing = []
+        for request, token in zip(ready, tokens, strict=True):
+            if self._emit(request, token):
+                continuing.append((request, token))
+        if not continuing:
+            return
+        idx = torch.tensor([[t] for _, t in continuing], device=self.decoder.cache.k.device)
+        slots = torch.tensor([r.slot for r, _ in continuing], device=idx.device)
+        logits = self.decoder.logits(idx, slots)
+        for row, (request, _) in enumerate(continuing):
+            request.logits = logits[row: row + 1]
+        self.decode_steps += 1
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Hand the token to the request; False when the request has finished."""
+        if token == request.eos_id:
+            self._finish(request, StreamEvent(token, request.text.finish(), "eos"))
+            return False
+        request.generated.append(token)
+        delta = request.text.push(token)
+        if request.text.stopped_by is not None:
+            self._finish(request, StreamEvent(token, delta, "stop"))
+            return False
+        length = len(request.prompt) + len(request.generated)
+        if len(request.generated) >= request.max_new_tokens or length >= self.model.config.context_length:
+            self._finish(request, StreamEvent(token, delta + request.text.finish(), "length"))
+            return False
+        request.on_event(StreamEvent(token, delta))
+        return True
+
+    def _finish(self, request: Request, event: StreamEvent | None) -> None:
+        self.running.remove(request)
+        self._release(request)
+        if event is not None:
+            request.on_event(event)
