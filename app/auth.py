@@ -62,9 +62,15 @@ def read_or_train(request: Request, session: SessionDep, settings: SettingsDep) 
     return _check(request, session, settings, needed)
 
 
+def reader(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
+    """Inference: any key will do, whatever the method."""
+    return _check(request, session, settings, "read")
+
+
 def admin(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
     return _check(request, session, settings, "admin")
 
 
 ReadOrTrain = Depends(read_or_train)
+Reader = Depends(reader)
 Admin = Depends(admin)

@@ -12,7 +12,8 @@ from app.db import Database
 from app.errors import error_body, install_error_handlers
 from app.queue import make_celery
 from app.reaper import reap_forever
-from app.routers import checkpoints, corpora, jobs, keys
+from app.routers import checkpoints, corpora, deployments, generation, jobs, keys
+from app.serving import DeploymentManager, follow_deployments
 from app.settings import Settings, get_settings
 
 
@@ -26,8 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = Database(settings.sqlalchemy_url)
         app.state.celery = make_celery(settings)
         reaper = asyncio.create_task(reap_forever(app.state.database, app.state.celery, settings))
+        app.state.deployments = DeploymentManager(app.state.database, settings.data_dir)
+        follower = asyncio.create_task(follow_deployments(app.state.deployments, settings))
         yield
         reaper.cancel()
+        follower.cancel()
+        await run_in_threadpool(app.state.deployments.stop)
         app.state.database.dispose()
 
     app = FastAPI(title="ScratchLLM", version="0.1.0", lifespan=lifespan)
@@ -36,6 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
     app.include_router(keys.router)
+    app.include_router(deployments.router)
+    app.include_router(generation.router)
+    app.include_router(generation.router, prefix="/d/{deployment}")
 
     @app.get("/livez", tags=["health"])
     def livez() -> dict:

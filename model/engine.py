@@ -151,14 +151,16 @@ class Engine:
                 ready.append(request)
         if not ready:
             return
-        tokens = []
+        tokens, logprobs = [], []
         for request in ready:
             seen = torch.tensor([request.prompt + request.generated], device=request.logits.device)
             generators = None if request.generator is None else [request.generator]
-            tokens.append(int(next_token(request.logits, request.params, seen, generators)))
+            token = int(next_token(request.logits, request.params, seen, generators))
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(request.logits[0].float(), dim=-1)[token]))
         continuing = []
-        for request, token in zip(ready, tokens, strict=True):
-            if self._emit(request, token):
+        for request, token, logprob in zip(ready, tokens, logprobs, strict=True):
+            if self._emit(request, token, logprob):
                 continuing.append((request, token))
         if not continuing:
             return
@@ -169,21 +171,21 @@ class Engine:
             request.logits = logits[row: row + 1]
         self.decode_steps += 1
 
-    def _emit(self, request: Request, token: int) -> bool:
+    def _emit(self, request: Request, token: int, logprob: float) -> bool:
         """Hand the token to the request; False when the request has finished."""
         if token == request.eos_id:
-            self._finish(request, StreamEvent(token, request.text.finish(), "eos"))
+            self._finish(request, StreamEvent(token, request.text.finish(), "eos", logprob))
             return False
         request.generated.append(token)
         delta = request.text.push(token)
         if request.text.stopped_by is not None:
-            self._finish(request, StreamEvent(token, delta, "stop"))
+            self._finish(request, StreamEvent(token, delta, "stop", logprob))
             return False
         length = len(request.prompt) + len(request.generated)
         if len(request.generated) >= request.max_new_tokens or length >= self.model.config.context_length:
-            self._finish(request, StreamEvent(token, delta + request.text.finish(), "length"))
+            self._finish(request, StreamEvent(token, delta + request.text.finish(), "length", logprob))
             return False
-        request.on_event(StreamEvent(token, delta))
+        request.on_event(StreamEvent(token, delta, None, logprob))
         return True
 
     def _finish(self, request: Request, event: StreamEvent | None) -> None:

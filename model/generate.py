@@ -149,6 +149,7 @@ class StreamEvent:
     token_id: int
     text: str  # the text this token makes safe to emit; may be empty
     finish_reason: str | None = None  # `length`, `eos` or `stop` on the last event
+    logprob: float | None = None  # log-probability of the token under the model (before sampling filters)
 
 
 @torch.inference_mode()

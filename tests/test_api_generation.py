@@ -1,0 +1,160 @@
+import json
+import time
+import uuid
+
+import pytest
+import torch
+
+from app.db import Database
+from app.models import Checkpoint
+from model import GPT, GPTClassifier, GPTConfig, generate, gpt2_tokenizer, save_checkpoint
+
+CONFIG = GPTConfig(vocab_size=50257, context_length=64, n_layer=2, n_head=4, n_embd=32)
+
+
+def add_checkpoint(api, model, label_names=None) -> str:
+    settings = api.app.state.settings
+    relative = f"checkpoints/test/{uuid.uuid4().hex}"
+    save_checkpoint(settings.data_dir / relative, model, gpt2_tokenizer(), label_names=label_names)
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:
+        checkpoint = Checkpoint(step=1, path=relative, size_bytes=1, task="classifier" if label_names else "lm",
+                                label_names=label_names, model_config=CONFIG.to_dict(), tokenizer_type="gpt2",
+                                metrics={})
+        session.add(checkpoint)
+        session.flush()
+        checkpoint_id = checkpoint.id
+    database.dispose()
+    return checkpoint_id
+
+
+def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:
+    response = api.post("/v1/deployments", json={"name": name, "checkpoint_id": checkpoint_id, **extra})
+    assert response.status_code == 201, response.text
+    deadline = time.monotonic() + 30
+    while (state := api.get(f"/v1/deployments/{name}").json())["state"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return state
+
+
+@pytest.fixture
+def lm():
+    torch.manual_seed(0)
+    return GPT(CONFIG).eval()
+
+
+@pytest.fixture
+def served(api, lm):
+    state = deploy(api, "tiny", add_checkpoint(api, lm))
+    assert state["state"] == "ready" and state["default"] is True and state["task"] == "lm"
+    return api
+
+
+def test_generate_matches_the_library_greedy_output(served, lm):
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("Once upon a time")
+    expected = generate(lm, torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+    response = served.post("/generate", json={"inputs": "Once upon a time",
+                                              "parameters": {"max_new_tokens": 12, "details": True}})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["generated_text"] == tokenizer.decode(expected)
+    assert [t["id"] for t in answer["details"]["tokens"]] == expected
+    assert answer["details"]["finish_reason"] == "length" and answer["details"]["generated_tokens"] == 12
+    assert all(t["logprob"] <= 0 for t in answer["details"]["tokens"])
+    named = served.post("/d/tiny/generate", json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}})
+    assert named.json() == {"generated_text": answer["generated_text"]}
+    full = served.post("/", json={"inputs": "Once upon a time",
+                                  "parameters": {"max_new_tokens": 12, "return_full_text": True}})
+    assert full.json() == [{"generated_text": "Once upon a time" + answer["generated_text"]}]
+
+
+def test_generate_stream_sends_one_event_per_token_then_the_text(served):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 7}}
+    stream = served.post("/generate_stream", json=body)
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[5:]) for line in stream.text.splitlines() if line.startswith("data:")]
+    assert [e["index"] for e in events] == list(range(1, 9))
+    assert all(e["generated_text"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert last["details"] == {"finish_reason": "length", "generated_tokens": 8, "seed": 7}
+    again = served.post("/", json={**body, "stream": True}).text
+    assert [json.loads(line[5:])["token"]["id"] for line in again.splitlines() if line.startswith("data:")] == [
+        e["token"]["id"] for e in events]
+
+
+def test_info_and_tgi_errors(served):
+    info = served.get("/info").json()
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 64
+    for body, words in [({"inputs": ""}, "inputs"), ({"inputs": "x", "parameters": {"temperature": 0}}, "temperature"),
+                        ({"inputs": "x", "parameters": {"top_p": 1.5}}, "top_p"),
+                        ({"inputs": "x", "parameters": {"max_new_tokens": 0}}, "max_new_tokens"),
+                        ({"inputs": "word " * 80}, "context")]:
+        for path in ("/generate", "/generate_stream"):
+            response = served.post(path, json=body)
+            assert response.status_code == 422, (path, body, response.text)
+            assert response.json()["error_type"] == "validation" and words in response.json()["error"]
+    truncated = served.post("/generate", json={"inputs": "word " * 80, "parameters": {"truncate": 20,
+                                                                                       "max_new_tokens": 2}})
+    assert truncated.status_code == 200
+    missing = served.post("/d/nope/generate", json={"inputs": "x"})
+    assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
+    bad_json = served.post("/generate", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 422 and bad_json.json()["error_type"] == "validation"
+
+
+def test_no_deployment_is_503_and_a_classifier_refuses_generation(api):
+    response = api.post("/generate", json={"inputs": "x"})
+    assert response.status_code == 503 and response.json()["error"] == "no default deployment"
+    torch.manual_seed(0)
+    deploy(api, "spam", add_checkpoint(api, GPTClassifier(CONFIG, 2), label_names=["ham", "spam"]))
+    response = api.post("/generate", json={"inputs": "x"})
+    assert response.status_code == 422 and "classifier" in response.json()["error"]
+
+
+def test_switching_a_deployment_and_a_failed_load_keep_serving(served, lm):
+    before = served.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}}).json()
+    torch.manual_seed(1)
+    other = add_checkpoint(served, GPT(CONFIG).eval())
+    assert served.patch("/v1/deployments/tiny", json={"checkpoint_id": other}).status_code == 200
+    deadline = time.monotonic() + 30
+    while served.get("/v1/deployments/tiny").json()["serving_checkpoint_id"] != other:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    after = served.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}}).json()
+    assert after != before
+    settings = served.app.state.settings
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:  # a checkpoint whose files are gone
+        broken = Checkpoint(step=1, path="checkpoints/gone", size_bytes=1, task="lm", model_config={},
+                            tokenizer_type="gpt2", metrics={})
+        session.add(broken)
+        session.flush()
+        broken_id = broken.id
+    database.dispose()
+    served.patch("/v1/deployments/tiny", json={"checkpoint_id": broken_id})
+    deadline = time.monotonic() + 30
+    while (state := served.get("/v1/deployments/tiny").json())["error"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert state["state"] == "ready" and state["serving_checkpoint_id"] == other and "failed" in state["error"]
+    still = served.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}})
+    assert still.status_code == 200 and still.json() == after
+
+
+def test_deployment_requests_are_checked(served):
+    assert served.post("/v1/deployments", json={"name": "bad name!", "checkpoint_id": "x"}).status_code == 422
+    assert served.post("/v1/deployments", json={"name": "x", "checkpoint_id": "ckpt_nope"}).status_code == 422
+    dup = served.post("/v1/deployments", json={"name": "tiny", "checkpoint_id": served.get(
+        "/v1/deployments/tiny").json()["checkpoint_id"]})
+    assert dup.status_code == 409
+    assert served.get("/v1/deployments/nope").status_code == 404
+    response = served.patch("/v1/deployments/tiny", json={"default": False})
+    assert response.status_code == 422 and "default" in response.json()["error"]["message"]
+    checkpoint_id = served.get("/v1/deployments/tiny").json()["checkpoint_id"]
+    conflict = served.delete(f"/v1/checkpoints/{checkpoint_id}")
+    assert conflict.status_code == 409 and "deployed" in conflict.json()["error"]["message"]
+    assert served.delete("/v1/deployments/tiny").json()["deleted"] is True
+    assert served.post("/generate", json={"inputs": "x"}).status_code == 503
