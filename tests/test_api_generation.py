@@ -158,3 +158,17 @@ def test_deployment_requests_are_checked(served):
     assert conflict.status_code == 409 and "deployed" in conflict.json()["error"]["message"]
     assert served.delete("/v1/deployments/tiny").json()["deleted"] is True
     assert served.post("/generate", json={"inputs": "x"}).status_code == 503
+
+
+def test_huggingface_hub_inference_client_streams_from_the_server(served, live_server):
+    from huggingface_hub import InferenceClient
+
+    expected = served.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 6}}).json()
+    for url in (live_server, f"{live_server}/d/tiny"):
+        client = InferenceClient(model=url)
+        streamed = list(client.text_generation("Hello", max_new_tokens=6, stream=True, details=True))
+        assert len(streamed) == 6
+        assert streamed[-1].generated_text == expected["generated_text"]
+        assert streamed[-1].details.finish_reason == "length"
+        assert "".join(s.token.text for s in streamed) == expected["generated_text"]
+        assert client.text_generation("Hello", max_new_tokens=6) == expected["generated_text"]
