@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = Database(settings.sqlalchemy_url)
         app.state.celery = make_celery(settings)
         reaper = asyncio.create_task(reap_forever(app.state.database, app.state.celery, settings))
-        app.state.deployments = DeploymentManager(app.state.database, settings.data_dir)
+        app.state.deployments = DeploymentManager(app.state.database, settings.data_dir, settings.serving_max_batch,
+                                                  settings.serving_max_queue)
         follower = asyncio.create_task(follow_deployments(app.state.deployments, settings))
         yield
         reaper.cancel()

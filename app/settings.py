@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")
     broker_polling_interval_s: float = Field(0.1, gt=0)
+    serving_max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together per deployment")
+    serving_max_queue: int = Field(64, ge=0, description="requests waiting per deployment before 429")
     generation_timeout_s: float = Field(300.0, gt=0, description="a generation request waits this long for a token")
     deployment_sync_interval_s: float = Field(2.0, gt=0, description="how soon a change reaches other API processes")
 

@@ -88,8 +88,10 @@ class Engine:
         with self.wakeup:
             if self.stopped:
                 raise RuntimeError("the engine is stopped")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            # a request waits in the queue only while no slot is free for it
+            if len(self.waiting) >= self.max_queue + len(self.free_slots):
+                raise QueueFull(f"all {self.max_batch} sequences are running and {len(self.waiting)} requests "
+                                f"are waiting")
             self.waiting.append(request)
             self.wakeup.notify()
         return request

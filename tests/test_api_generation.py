@@ -172,3 +172,74 @@ def test_huggingface_hub_inference_client_streams_from_the_server(served, live_s
         assert streamed[-1].details.finish_reason == "length"
         assert "".join(s.token.text for s in streamed) == expected["generated_text"]
         assert client.text_generation("Hello", max_new_tokens=6) == expected["generated_text"]
+
+
+def long_deployment(api) -> str:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, context_length=1024, n_layer=4, n_head=4, n_embd=256)  # ~3 s for 1000 tokens
+    return deploy(api, "long", add_checkpoint(api, GPT(config).eval()), default=True)["name"]
+
+
+def open_stream(client, max_new_tokens: int = 1000):
+    """A streaming request whose first token has arrived: it holds an engine slot."""
+    request = client.build_request("POST", "/generate_stream", json={"inputs": "Hi", "parameters": {
+        "max_new_tokens": max_new_tokens}})
+    response = client.send(request, stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()  # kept with the response: dropping it would close the stream
+    assert next(line for line in lines if line.startswith("data:"))
+    return response, lines
+
+
+def test_a_client_that_disconnects_is_aborted_within_a_step(api, live_server):
+    import httpx
+
+    long_deployment(api)
+    engine = api.app.state.deployments.get("long").current.engine
+    with httpx.Client(base_url=live_server, timeout=30) as client:
+        response, _ = open_stream(client)
+        response.close()
+    deadline = time.monotonic() + 5
+    while engine.load != (0, 0):
+        assert time.monotonic() < deadline, "the sequence was not aborted"
+        time.sleep(0.01)
+    steps = engine.decode_steps
+    time.sleep(0.3)
+    assert engine.decode_steps == steps and steps < 900
+
+
+def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    upgrade(database_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, serving_max_batch=1,
+                        serving_max_queue=0)
+    with TestClient(create_app(settings)) as api:
+        long_deployment(api)
+        busy = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}})
+        assert busy.status_code == 200  # the engine is free again after a short request
+        import threading
+
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=0, log_level="warning",
+                                               lifespan="off"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            holder, _lines = open_stream(client)
+            for path in ("/generate", "/generate_stream"):
+                full = client.post(path, json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}})
+                assert full.status_code == 429 and full.headers["retry-after"] == "1"
+                assert full.json()["error_type"] == "overloaded"
+            holder.close()
+        server.should_exit = True
+        thread.join(10)

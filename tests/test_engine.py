@@ -62,7 +62,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine):
 
 
 def test_abort_frees_the_slot_and_queue_limits(model):
-    engine = Engine(model, gpt2_tokenizer(), max_batch=3, max_queue=4)  # not started: nothing is admitted yet
+    engine = Engine(model, gpt2_tokenizer(), max_batch=3, max_queue=1)  # not started: nothing is admitted yet
     long_running = [Collector() for _ in range(3)]
     requests = [engine.submit(Request([5], 60, SamplingParams(), c)) for c in long_running]
     waiting = [Collector() for _ in range(1)]
