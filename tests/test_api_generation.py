@@ -243,3 +243,30 @@ def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
             holder.close()
         server.should_exit = True
         thread.join(10)
+
+
+def test_classify_single_and_batched_inputs(api):
+    torch.manual_seed(0)
+    classifier = GPTClassifier(CONFIG, 2).eval()
+    deploy(api, "spam", add_checkpoint(api, classifier, label_names=["ham", "spam"]))
+    texts = ["Free entry in a weekly competition!", "See you at lunch?", "ok"]
+    response = api.post("/classify", json={"input": texts})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    tokenizer = gpt2_tokenizer()
+    for item, text in zip(data, texts, strict=True):
+        ids = torch.tensor([tokenizer.encode(text)])
+        expected = classifier.predict_proba(ids)[0].tolist()
+        assert item["probs"] == pytest.approx(expected, abs=1e-5)
+        assert item["label"] == ["ham", "spam"][int(torch.tensor(expected).argmax())] and item["num_classes"] == 2
+        assert set(item["probabilities"]) == {"ham", "spam"}
+    single = api.post("/classify", json={"input": texts[0], "model": "spam"}).json()["data"]
+    assert single[0]["probs"] == pytest.approx(data[0]["probs"], abs=1e-5)
+    too_long = api.post("/classify", json={"input": "word " * 100})
+    assert too_long.status_code == 422 and "truncate" in too_long.json()["error"]["message"]
+    assert api.post("/classify", json={"input": "word " * 100, "truncate": True}).status_code == 200
+    assert api.post("/classify", json={"input": []}).status_code == 422
+    assert api.post("/classify", json={"input": "x", "model": "nope"}).status_code == 404
+    deploy(api, "lm", add_checkpoint(api, GPT(CONFIG)))
+    wrong = api.post("/classify", json={"input": "x", "model": "lm"})
+    assert wrong.status_code == 422 and "language model" in wrong.json()["error"]["message"]

@@ -17,8 +17,8 @@ def upload(api, content: bytes, filename: str, kind: str) -> str:
     return response.json()["id"]
 
 
-def readme_job(corpus_id: str, **changes) -> dict:
-    """The README's pretraining request."""
+def readme_job(corpus_id: str, /, **changes) -> dict:
+    """The README's pretraining request, with changes."""
     return {"type": "pretrain", "corpus_id": corpus_id, "model": {"preset": "nano"}, "tokenizer": "gpt2",
             "hyperparameters": {"max_steps": 200, "batch_size": 8, "learning_rate": 0.0006}, "seed": 1, **changes}
 

@@ -139,8 +139,8 @@ def _plan_classifier(job: Job, settings: Settings, corpora: dict, base_path: str
         data, val = split_dataset(data,
                                   (1 - spec["validation_fraction"], spec["validation_fraction"]), job.seed)
     max_length = hp["max_length"] or base.config.context_length
-    train_ids = encode_classification(data.texts, tokenizer, max_length=max_length)
-    val_ids = encode_classification(val.texts, tokenizer, max_length=max_length)
+    train_ids = encode_classification(data.texts, tokenizer, max_length=max_length, pad_id=tokenizer.eot_id)
+    val_ids = encode_classification(val.texts, tokenizer, max_length=max_length, pad_id=tokenizer.eot_id)
     task = ClassificationTask((*train_ids, torch.tensor(data.labels)), (*val_ids, torch.tensor(val.labels)),
                               batch_size=hp["batch_size"], seed=job.seed)
     model = GPTClassifier.from_lm(base, len(data.label_names))
