@@ -34,12 +34,12 @@ def _rank(scope: str) -> int:
 
 
 def _check(request: Request, session, settings, needed: str) -> ApiKey | None:
+    if not settings.api_keys_required and session.scalar(
+            select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is None:
+        return None  # no keys yet: open, whatever a client sends (OpenAI's client always sends one)
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if not header:
-        if not settings.api_keys_required and session.scalar(
-                select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is None:
-            return None  # no keys yet: open
         raise APIError(401, "this endpoint needs an API key: send 'Authorization: Bearer <key>'")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "malformed Authorization header: expected 'Bearer <key>'")

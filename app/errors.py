@@ -13,16 +13,16 @@ STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 details: list | None = None):
+                 details: list | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or STATUS_TYPES.get(status, "error")
         self.details = details
 
 
 def error_body(status: int, message: str, param: str | None = None, type_: str | None = None,
-               details: list | None = None) -> dict:
-    error = {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message, "param": param}
+               details: list | None = None, code: str | None = None) -> dict:
+    error = {"type": type_ or STATUS_TYPES.get(status, "error"), "message": message, "param": param, "code": code}
     if details:
         error["details"] = details
     return {"error": error}
@@ -40,7 +40,9 @@ def _field_path(location: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
-        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.type, exc.details), exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.type, exc.details, exc.code),
+                            exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):

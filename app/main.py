@@ -12,7 +12,7 @@ from app.db import Database
 from app.errors import error_body, install_error_handlers
 from app.queue import make_celery
 from app.reaper import reap_forever
-from app.routers import checkpoints, classify, corpora, deployments, generation, jobs, keys
+from app.routers import checkpoints, classify, corpora, deployments, generation, jobs, keys, openai_compat
 from app.serving import DeploymentManager, follow_deployments
 from app.settings import Settings, get_settings
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deployments.router)
     app.include_router(generation.router)
     app.include_router(classify.router)
+    app.include_router(openai_compat.router)
     app.include_router(generation.router, prefix="/d/{deployment}")
 
     @app.get("/livez", tags=["health"])

@@ -12,7 +12,7 @@ from model import GPT, GPTClassifier, GPTConfig, generate, gpt2_tokenizer, save_
 CONFIG = GPTConfig(vocab_size=50257, context_length=64, n_layer=2, n_head=4, n_embd=32)
 
 
-def add_checkpoint(api, model, label_names=None) -> str:
+def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
     settings = api.app.state.settings
     relative = f"checkpoints/test/{uuid.uuid4().hex}"
     save_checkpoint(settings.data_dir / relative, model, gpt2_tokenizer(), label_names=label_names)
@@ -20,7 +20,7 @@ def add_checkpoint(api, model, label_names=None) -> str:
     with database.session() as session:
         checkpoint = Checkpoint(step=1, path=relative, size_bytes=1, task="classifier" if label_names else "lm",
                                 label_names=label_names, model_config=CONFIG.to_dict(), tokenizer_type="gpt2",
-                                metrics={})
+                                metrics={}, prompt_format=prompt_format)
         session.add(checkpoint)
         session.flush()
         checkpoint_id = checkpoint.id

@@ -6,7 +6,6 @@ and admitted to the engine before any byte of the answer is sent: a bad or unluc
 stream. Errors are TGI's `{error, error_type}`.
 """
 
-import asyncio
 import json
 import secrets
 from typing import Any
@@ -16,9 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.auth import Reader
+from app.streams import EngineStream, GenerationFailed, Overloaded
 from model import SamplingParams, StreamEvent
-from model.engine import QueueFull
-from model.engine import Request as EngineRequest
 
 router = APIRouter(tags=["generation (TGI)"], dependencies=[Reader])
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -105,29 +103,21 @@ class Admitted:
         if len(prompt) >= context:
             raise TGIError(422, f"inputs hold {len(prompt)} tokens; this model's context is {context} (pass "
                                 f"`truncate` to keep only the last tokens)", "validation")
-        self.events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.engine_request = EngineRequest(prompt, p.max_new_tokens, params,
-                                            lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
-                                            eos_id=self.tokenizer.eot_id, stop=tuple(p.stop), seed=self.seed)
         try:
-            self.engine.submit(self.engine_request)
-        except QueueFull as e:
+            self.stream = EngineStream(self.engine, prompt, p.max_new_tokens, params, tuple(p.stop), self.seed,
+                                       self.tokenizer.eot_id)
+        except Overloaded as e:
             raise TGIError(429, f"the model is overloaded: {e}", "overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     async def next_event(self, timeout_s: float) -> StreamEvent:
         try:
-            event = await asyncio.wait_for(self.events.get(), timeout_s)
-        except TimeoutError:
-            self.engine_request.abort()
-            raise TGIError(504, f"no token within {timeout_s:.0f} s", "generation") from None
-        if isinstance(event, Exception):
-            raise TGIError(424, f"generation failed: {event}", "generation")
-        return event
+            return await self.stream.next_event(timeout_s)
+        except GenerationFailed as e:
+            raise TGIError(424, str(e), "generation") from None
 
     def abort(self) -> None:
-        self.engine_request.abort()
+        self.stream.abort()
 
     def details(self, event: StreamEvent, n_tokens: int) -> dict[str, Any]:
         return {"finish_reason": FINISH_REASONS[event.finish_reason], "generated_tokens": n_tokens,

@@ -1,0 +1,46 @@
+"""A request admitted to an inference engine, with its events arriving on the asyncio event loop.
+
+The engine runs on its own thread and calls back there; the callback only hands the event to this loop.
+"""
+
+import asyncio
+
+from model import SamplingParams, StreamEvent
+from model.engine import Engine, QueueFull
+from model.engine import Request as EngineRequest
+
+
+class Overloaded(Exception):
+    """The engine is full: every slot busy and the queue at its limit."""
+
+
+class GenerationFailed(Exception):
+    """The engine failed while generating, or no token came in time."""
+
+
+class EngineStream:
+    def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, params: SamplingParams,
+                 stop: tuple[str, ...], seed: int | None, eos_id: int | None):
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.request = EngineRequest(prompt, max_new_tokens, params,
+                                     lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+                                     eos_id=eos_id, stop=stop, seed=seed)
+        try:
+            engine.submit(self.request)
+        except QueueFull as e:
+            raise Overloaded(str(e)) from None
+
+    async def next_event(self, timeout_s: float) -> StreamEvent:
+        try:
+            event = await asyncio.wait_for(self.events.get(), timeout_s)
+        except TimeoutError:
+            self.request.abort()
+            raise GenerationFailed(f"no token within {timeout_s:.0f} s") from None
+        if isinstance(event, Exception):
+            raise GenerationFailed(f"generation failed: {event}")
+        return event
+
+    def abort(self) -> None:
+        """Stop the sequence (a no-op once it finished): the client went away or the request was cancelled."""
+        self.request.abort()
