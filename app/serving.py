@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.db import Database
+from app.metrics import Metrics
 from app.models import Checkpoint, Deployment
 from model import load_checkpoint, merge_lora
 from model.engine import Engine
@@ -48,8 +49,8 @@ class Served:
 
 
 class DeploymentManager:
-    def __init__(self, database: Database, data_dir: Path, max_batch: int = 8, max_queue: int = 64):
-        self.database, self.data_dir = database, data_dir
+    def __init__(self, database: Database, data_dir: Path, max_batch: int, max_queue: int, metrics: Metrics):
+        self.database, self.data_dir, self.metrics = database, data_dir, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
         self.served: dict[str, Served] = {}
         self.retiring: list[tuple[Loaded, float]] = []  # engines replaced, finishing their streams
@@ -93,6 +94,7 @@ class DeploymentManager:
             loaded = Loaded(checkpoint_id, engine, model, tokenizer, meta, prompt_format)
         except Exception as e:  # any failure to load leaves the previous checkpoint served
             log.exception("deployment %s: loading checkpoint %s failed", served.name, checkpoint_id)
+            self.metrics.load_failures.labels(served.name).inc()
             with self.lock:
                 if served.loading_id == checkpoint_id:
                     served.loading_id, served.error = None, f"loading checkpoint {checkpoint_id} failed: {e}"

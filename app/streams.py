@@ -4,7 +4,9 @@ The engine runs on its own thread and calls back there; the callback only hands 
 """
 
 import asyncio
+import time
 
+from app.metrics import Metrics
 from model import SamplingParams, StreamEvent
 from model.engine import Engine, QueueFull
 from model.engine import Request as EngineRequest
@@ -20,7 +22,10 @@ class GenerationFailed(Exception):
 
 class EngineStream:
     def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, params: SamplingParams,
-                 stop: tuple[str, ...], seed: int | None, eos_id: int | None):
+                 stop: tuple[str, ...], seed: int | None, eos_id: int | None, metrics: Metrics, deployment: str):
+        self.metrics, self.deployment = metrics, deployment
+        self.last_event_at = time.monotonic()
+        self.first = True
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.request = EngineRequest(prompt, max_new_tokens, params,
@@ -39,6 +44,11 @@ class EngineStream:
             raise GenerationFailed(f"no token within {timeout_s:.0f} s") from None
         if isinstance(event, Exception):
             raise GenerationFailed(f"generation failed: {event}")
+        now = time.monotonic()
+        latency = self.metrics.time_to_first_token if self.first else self.metrics.inter_token_latency
+        latency.labels(self.deployment).observe(now - self.last_event_at)
+        self.metrics.tokens_generated.labels(self.deployment).inc()
+        self.first, self.last_event_at = False, now
         return event
 
     def abort(self) -> None:

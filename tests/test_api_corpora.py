@@ -113,6 +113,5 @@ def test_file_names_never_become_paths(api, tmp_path):
     assert ".." not in disposition and "passwd.txt" in disposition
 
 
-def test_health_and_liveness(api):
+def test_liveness(api):
     assert api.get("/livez").json() == {"status": "ok"}
-    assert api.get("/health").json() == {"status": "ok"}

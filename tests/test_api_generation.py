@@ -270,3 +270,21 @@ def test_classify_single_and_batched_inputs(api):
     deploy(api, "lm", add_checkpoint(api, GPT(CONFIG)))
     wrong = api.post("/classify", json={"input": "x", "model": "lm"})
     assert wrong.status_code == 422 and "language model" in wrong.json()["error"]["message"]
+
+
+def test_health_follows_the_default_deployment_and_metrics_count(api, lm):
+    response = api.get("/health")
+    assert response.status_code == 503 and response.json()["error"]["message"] == "no default deployment"
+    checkpoint_id = add_checkpoint(api, lm)
+    deploy(api, "tiny", checkpoint_id)
+    assert api.get("/health").json() == {"status": "ok", "default_deployment": "tiny", "checkpoint_id": checkpoint_id}
+    api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
+    api.post("/generate", json={"inputs": ""})
+    text = api.get("/metrics").text
+    assert 'scratchllm_http_requests_total{method="POST",route="/generate",status="200"} 1.0' in text
+    assert 'scratchllm_http_requests_total{method="POST",route="/generate",status="422"} 1.0' in text
+    assert 'scratchllm_generated_tokens_total{deployment="tiny"} 4.0' in text
+    assert 'scratchllm_time_to_first_token_seconds_count{deployment="tiny"} 1.0' in text
+    assert 'scratchllm_inter_token_latency_seconds_count{deployment="tiny"} 3.0' in text
+    assert 'scratchllm_running_sequences{deployment="tiny"} 0.0' in text
+    assert 'scratchllm_queue_depth{deployment="tiny"} 0.0' in text

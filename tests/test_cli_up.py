@@ -30,7 +30,7 @@ def start_up(tmp_path, port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 60
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as response:
                 assert response.status == 200
                 return up
         except OSError:

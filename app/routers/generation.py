@@ -87,7 +87,7 @@ def _loaded(request: Request, deployment: str | None):
 class Admitted:
     """A request admitted to an engine, with its events arriving on this event loop."""
 
-    def __init__(self, body: GenerateRequest, served):
+    def __init__(self, body: GenerateRequest, served, metrics):
         loaded = served.current
         self.engine, self.tokenizer, self.body = loaded.engine, loaded.tokenizer, body
         p = body.parameters
@@ -105,7 +105,7 @@ class Admitted:
                                 f"`truncate` to keep only the last tokens)", "validation")
         try:
             self.stream = EngineStream(self.engine, prompt, p.max_new_tokens, params, tuple(p.stop), self.seed,
-                                       self.tokenizer.eot_id)
+                                       self.tokenizer.eot_id, metrics, served.name)
         except Overloaded as e:
             raise TGIError(429, f"the model is overloaded: {e}", "overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -129,7 +129,7 @@ class Admitted:
 
 async def _generate(request: Request, deployment: str | None, as_list: bool = False) -> JSONResponse:
     body = await _parse(request)
-    admitted = Admitted(body, _loaded(request, deployment))
+    admitted = Admitted(body, _loaded(request, deployment), request.app.state.metrics)
     timeout_s = request.app.state.settings.generation_timeout_s
     texts, tokens = [], []
     try:
@@ -150,7 +150,7 @@ async def _generate(request: Request, deployment: str | None, as_list: bool = Fa
 
 async def _generate_stream(request: Request, deployment: str | None) -> StreamingResponse:
     body = await _parse(request)
-    admitted = Admitted(body, _loaded(request, deployment))
+    admitted = Admitted(body, _loaded(request, deployment), request.app.state.metrics)
     timeout_s = request.app.state.settings.generation_timeout_s
 
     async def events():

@@ -127,7 +127,8 @@ class Generation:
             for i in range(body.n):
                 self.streams.append(EngineStream(loaded.engine, prompt, max_tokens or context - len(prompt),
                                                  params, tuple(stops) + extra_stop, seed + i,
-                                                 loaded.tokenizer.eot_id))
+                                                 loaded.tokenizer.eot_id, request.app.state.metrics,
+                                                 self.served.name))
         except Overloaded as e:
             self.abort()
             raise APIError(429, f"the model is overloaded: {e}", type_="rate_limited") from None
