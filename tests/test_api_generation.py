@@ -288,3 +288,53 @@ def test_health_follows_the_default_deployment_and_metrics_count(api, lm):
     assert 'scratchllm_inter_token_latency_seconds_count{deployment="tiny"} 3.0' in text
     assert 'scratchllm_running_sequences{deployment="tiny"} 0.0' in text
     assert 'scratchllm_queue_depth{deployment="tiny"} 0.0' in text
+
+
+def test_a_change_through_one_api_process_reaches_another(api, lm, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = api.app.state.settings
+    other_settings = Settings(data_dir=settings.data_dir, database_url=settings.sqlalchemy_url,
+                              deployment_sync_interval_s=0.2)
+    with TestClient(create_app(other_settings)) as other:
+        assert other.post("/generate", json={"inputs": "x"}).status_code == 503
+        deploy(api, "tiny", add_checkpoint(api, lm))
+        deadline = time.monotonic() + 30
+        while other.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the other API process never loaded the deployment"
+            time.sleep(0.1)
+        answer = other.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}})
+        assert answer.json() == api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5}}).json()
+
+
+def test_switching_under_load_fails_no_request(served, live_server):
+    import concurrent.futures
+
+    import httpx
+
+    torch.manual_seed(2)
+    checkpoints = [add_checkpoint(served, GPT(CONFIG).eval()) for _ in range(2)]
+    stop = time.monotonic() + 6
+    statuses: list[int] = []
+
+    def client_loop(seed: int) -> None:
+        with httpx.Client(base_url=live_server, timeout=30) as client:
+            while time.monotonic() < stop:
+                path = "/generate_stream" if seed % 2 else "/generate"
+                response = client.post(path, json={"inputs": "Hello there", "parameters": {"max_new_tokens": 20}})
+                statuses.append(response.status_code)
+                if path == "/generate_stream":
+                    assert response.text.rstrip().splitlines()[-1].startswith("data:")
+                    assert '"generated_text":' in response.text.rstrip().splitlines()[-1]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client_loop, seed) for seed in range(4)]
+        for checkpoint_id in checkpoints * 2:
+            time.sleep(1)
+            assert served.patch("/v1/deployments/tiny", json={"checkpoint_id": checkpoint_id}).status_code == 200
+        for future in futures:
+            future.result()
+    assert statuses and set(statuses) == {200}
