@@ -12,8 +12,8 @@ from datetime import timedelta
 from fastapi import Depends, Request
 from sqlalchemy import select, update
 
-from app.db import utcnow
-from app.deps import SessionDep, SettingsDep
+from app.db import Database, utcnow
+from app.deps import DatabaseDep, SettingsDep
 from app.errors import APIError
 from app.models import API_KEY_SCOPES, ApiKey
 
@@ -33,7 +33,14 @@ def _rank(scope: str) -> int:
     return API_KEY_SCOPES.index(scope)
 
 
-def _check(request: Request, session, settings, needed: str) -> ApiKey | None:
+def _check(request: Request, database: Database, settings, needed: str) -> ApiKey | None:
+    # a session of its own, closed before the endpoint runs: a streamed answer must not hold a
+    # database connection for as long as it streams
+    with database.session() as session:
+        return _check_in(request, session, settings, needed)
+
+
+def _check_in(request: Request, session, settings, needed: str) -> ApiKey | None:
     if not settings.api_keys_required and session.scalar(
             select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is None:
         return None  # no keys yet: open, whatever a client sends (OpenAI's client always sends one)
@@ -52,23 +59,22 @@ def _check(request: Request, session, settings, needed: str) -> ApiKey | None:
     now = utcnow()
     if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
-        session.commit()
     return api_key
 
 
-def read_or_train(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
+def read_or_train(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
     """Reading needs `read`; anything that changes state needs `train`."""
     needed = "read" if request.method in ("GET", "HEAD") else "train"
-    return _check(request, session, settings, needed)
+    return _check(request, database, settings, needed)
 
 
-def reader(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
+def reader(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
     """Inference: any key will do, whatever the method."""
-    return _check(request, session, settings, "read")
+    return _check(request, database, settings, "read")
 
 
-def admin(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey | None:
-    return _check(request, session, settings, "admin")
+def admin(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
+    return _check(request, database, settings, "admin")
 
 
 ReadOrTrain = Depends(read_or_train)

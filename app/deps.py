@@ -21,7 +21,10 @@ def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
-def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
+DatabaseDep = Annotated[Database, Depends(get_database)]
+
+
+def get_session(database: DatabaseDep) -> Iterator[Session]:
     with database.session() as session:
         yield session
 
@@ -30,33 +33,27 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def _row_or_404(session: Session, model, row_id: str, kind: str):
+    row = session.get(model, row_id)
+    if row is None:
+        raise not_found(kind, row_id)
+    return row
+
+
 def corpus_by_id(session: SessionDep, corpus_id: Annotated[str, Path(max_length=40)]) -> Corpus:
-    corpus = session.get(Corpus, corpus_id)
-    if corpus is None:
-        raise not_found("corpus", corpus_id)
-    return corpus
-
-
-CorpusDep = Annotated[Corpus, Depends(corpus_by_id)]
+    return _row_or_404(session, Corpus, corpus_id, "corpus")
 
 
 def job_by_id(session: SessionDep, job_id: Annotated[str, Path(max_length=40)]) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise not_found("job", job_id)
-    return job
-
-
-JobDep = Annotated[Job, Depends(job_by_id)]
+    return _row_or_404(session, Job, job_id, "job")
 
 
 def checkpoint_by_id(session: SessionDep, checkpoint_id: Annotated[str, Path(max_length=40)]) -> Checkpoint:
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
-        raise not_found("checkpoint", checkpoint_id)
-    return checkpoint
+    return _row_or_404(session, Checkpoint, checkpoint_id, "checkpoint")
 
 
+CorpusDep = Annotated[Corpus, Depends(corpus_by_id)]
+JobDep = Annotated[Job, Depends(job_by_id)]
 CheckpointDep = Annotated[Checkpoint, Depends(checkpoint_by_id)]
 
 

@@ -3,6 +3,7 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -32,9 +33,30 @@ def not_found(kind: str, id_: str) -> APIError:
     return APIError(404, f"no {kind} with id {id_!r}", param="id")
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the branch of a union in an error's location: `literal['gpt2']`, `BPESpec`."""
+    return isinstance(part, str) and ("[" in part or (part[:1].isupper() and part.isidentifier()))
+
+
 def _field_path(location: tuple) -> str:
-    parts = [str(p) for p in location if p not in ("body", "query", "path", "header", "form")]
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header", "form")
+             and not _is_union_tag(p)]
     return ".".join(parts) or ".".join(str(p) for p in location)
+
+
+def _validation_details(request: Request, exc: RequestValidationError) -> tuple[int, list[dict]]:
+    errors = exc.errors()
+    if any(e["type"] == "json_invalid" for e in errors):
+        position = next(e["loc"][-1] for e in errors if e["type"] == "json_invalid")
+        return 422, [{"param": "body", "message": f"the body is not valid JSON (error at character {position})"}]
+    content_type = request.headers.get("content-type", "")
+    if any(tuple(e["loc"]) == ("body",) for e in errors) and request.method in ("POST", "PATCH", "PUT") \
+            and "json" not in content_type:
+        sent = content_type or "no content type"
+        return 415, [{"param": "body", "message": f"send the body as application/json, not {sent}"}]
+    # of a union's branches, the error of the branch the input was meant for is the one that explains it
+    specific = [e for e in errors if e["type"] != "literal_error"] or errors
+    return 422, [{"param": _field_path(tuple(e["loc"])), "message": e["msg"]} for e in specific]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -45,11 +67,17 @@ def install_error_handlers(app: FastAPI) -> None:
                             exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError):
-        details = [{"param": _field_path(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        status, details = _validation_details(request, exc)
         first = details[0] if details else {"param": None, "message": "invalid request"}
         message = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
-        return JSONResponse(error_body(422, message, first["param"], details=details), 422)
+        return JSONResponse(error_body(status, message, first["param"], details=details), status)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError):
+        # PostgreSQL refuses what SQLite takes: NUL characters in text, numbers beyond 64 bits
+        problem = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+        return JSONResponse(error_body(422, f"a value in the request cannot be stored or searched: {problem}"), 422)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):

@@ -14,7 +14,8 @@ def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
     if corpus is None:
         raise APIError(422, f"no corpus with id {corpus_id!r}", param=param)
     if corpus.kind != kind:
-        raise APIError(422, f"corpus {corpus_id} is a {corpus.kind} corpus; this job needs a {kind} corpus",
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise APIError(422, f"corpus {corpus_id} is a {corpus.kind} corpus; this job needs {article} {kind} corpus",
                        param=param)
     return corpus
 

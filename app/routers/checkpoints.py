@@ -1,5 +1,6 @@
 """Checkpoints: list (by job), read, download as one archive, delete, and import Hugging Face GPT-2 weights."""
 
+import json
 import shutil
 import tarfile
 import tempfile
@@ -10,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from safetensors import safe_open
 from sqlalchemy import or_, select
 
 from app.auth import ReadOrTrain
@@ -85,6 +87,31 @@ def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, settings: 
     return {"id": checkpoint.id, "object": "checkpoint"}
 
 
+def _import(staging: Path):
+    """The uploaded model as our GPT; APIError naming the part at fault, never a server path."""
+    def refuse(part: str, problem) -> APIError:
+        file = "config.json" if part == "config" else "model.safetensors"
+        problem = str(problem).replace(str(staging), "<upload>")
+        return APIError(422, f"not an importable GPT-2 checkpoint: {file}: {problem}", param=part)
+
+    try:
+        with safe_open(staging / "model.safetensors", framework="pt"):
+            pass
+    except Exception as e:  # whatever safetensors says of a file that is not one
+        raise refuse("weights", f"not a safetensors file ({type(e).__name__})") from None
+    try:
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise refuse("config", f"not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise refuse("config", f"must be a JSON object, not {type(config).__name__}")
+    try:
+        return import_hf_gpt2(staging)
+    except (ValueError, TypeError, KeyError) as e:
+        about_tensors = any(word in str(e) for word in ("shape", "missing key", "unexpected key", "tensor"))
+        raise refuse("weights" if about_tensors else "config", e) from None
+
+
 @router.post("/import", status_code=201, response_model=CheckpointOut)
 async def import_checkpoint(request: Request, session: SessionDep, settings: SettingsDep) -> CheckpointOut:
     """multipart/form-data with `weights` (model.safetensors) and `config` (config.json) of a Hugging Face
@@ -94,10 +121,7 @@ async def import_checkpoint(request: Request, session: SessionDep, settings: Set
     try:
         await receive_upload(request, {"weights": staging / "model.safetensors", "config": staging / "config.json"},
                              settings.max_upload_bytes)
-        try:
-            model = await run_in_threadpool(import_hf_gpt2, staging)
-        except ValueError as e:
-            raise APIError(422, f"not an importable GPT-2 checkpoint: {e}", param="weights") from None
+        model = await run_in_threadpool(_import, staging)
         if model.config.vocab_size != GPT2_VOCAB_SIZE:
             raise APIError(422, f"the model's vocabulary has {model.config.vocab_size} tokens; an imported model "
                                 f"must use GPT-2's {GPT2_VOCAB_SIZE}-token tokenizer", param="config")

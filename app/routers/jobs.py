@@ -4,15 +4,15 @@ import asyncio
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.auth import ReadOrTrain
-from app.db import Database, utcnow
-from app.deps import JobDep, PageDep, SessionDep, SettingsDep
-from app.errors import APIError
+from app.db import utcnow
+from app.deps import DatabaseDep, JobDep, PageDep, SessionDep, SettingsDep
+from app.errors import APIError, not_found
 from app.job_plans import create_job
 from app.models import Job, JobEvent, Metric
 from app.queue import enqueue_job
@@ -22,6 +22,7 @@ from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatus, JobType, Me
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
 FINISHED = ("succeeded", "failed", "cancelled")
 STREAM_POLL_S = 0.5
+MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 
 
 @router.post("", status_code=201, response_model=JobOut)
@@ -78,7 +79,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries)
 def job_metrics(job: JobDep, session: SessionDep, name: Annotated[str, Query(max_length=50)],
-                since_step: Annotated[int, Query(ge=0)] = 0) -> dict:
+                since_step: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0) -> dict:
     rows = session.scalars(select(Metric).where(Metric.job_id == job.id, Metric.name == name,
                                                 Metric.step >= since_step).order_by(Metric.step)).all()
     return {"job_id": job.id, "name": name, "data": [{"step": m.step, "value": m.value, "time": m.time}
@@ -91,7 +92,7 @@ def _events(session, job_id: str, after: int, limit: int) -> list[JobEvent]:
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut])
-def job_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0,
+def job_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
     """The job's events, oldest first; pass the last id as `after` for the next page."""
     rows = _events(session, job.id, after, limit + 1)
@@ -99,11 +100,14 @@ def job_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=
 
 
 @router.get("/{job_id}/events/stream")
-async def stream_job_events(request: Request, job: JobDep,
-                            last_event_id: Annotated[int | None, Header(ge=0)] = None) -> StreamingResponse:
-    """Server-sent events: every event of the job as it happens, until the job ends."""
-    database: Database = request.app.state.database
-    job_id = job.id
+async def stream_job_events(request: Request, job_id: Annotated[str, Path(max_length=40)], database: DatabaseDep,
+                            last_event_id: Annotated[int | None, Header(ge=0, le=MAX_INDEX)] = None
+                            ) -> StreamingResponse:
+    """Server-sent events: every event of the job as it happens, until the job ends. (No request-scoped
+    session: each poll takes a connection for a moment, not for the length of the stream.)"""
+    with database.session() as session:
+        if session.get(Job, job_id) is None:
+            raise not_found("job", job_id)
 
     def poll(after: int) -> tuple[list[dict], str]:
         with database.session() as session:

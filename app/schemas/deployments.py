@@ -7,7 +7,7 @@ DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class DeploymentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=DEPLOYMENT_NAME)
     checkpoint_id: str = Field(max_length=40)
@@ -15,7 +15,7 @@ class DeploymentCreate(BaseModel):
 
 
 class DeploymentUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     checkpoint_id: str | None = Field(None, max_length=40)
     default: bool | None = None

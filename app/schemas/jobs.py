@@ -9,7 +9,7 @@ CORPUS_KIND_OF = {"pretrain": "text", "finetune_classifier": "classification", "
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):

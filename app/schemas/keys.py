@@ -7,7 +7,7 @@ Scope = Literal["read", "train", "admin"]
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=100)
     scope: Scope = "read"
