@@ -13,6 +13,7 @@ machine's CPU, saves a checkpoint, loads it back and streams a sample from it.
 """
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -91,9 +92,18 @@ def demo(args: argparse.Namespace) -> None:
     print()
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own arena and keeps what it frees there; a server
+    whose request threads come and go then grows its memory for no use. Two arenas keep it steady."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def api(args: argparse.Namespace) -> None:
     import uvicorn
 
+    _limit_malloc_arenas()
     from app.main import create_app
     from app.migrate import upgrade
     from app.settings import get_settings
@@ -126,6 +136,7 @@ def _die_with_parent() -> None:
 def up(args: argparse.Namespace) -> None:
     import uvicorn
 
+    _limit_malloc_arenas()
     from app.main import create_app
     from app.migrate import upgrade
     from app.settings import Settings
