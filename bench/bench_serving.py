@@ -1,0 +1,203 @@
+"""Serving under load: a `small` checkpoint behind `scratchllm api`, streamed to concurrent clients over HTTP+SSE.
+
+    .venv/bin/python bench/bench_serving.py [--tokens 128] [--soak-seconds 120]
+
+Prints the engine's raw single-sequence decode rate (in this process), the single-stream rate through
+HTTP+SSE and its fraction of the raw rate, the aggregate rate of 8 concurrent streams and its multiple of
+the single stream, p50/p95 time to first token and inter-token latency, then a soak of 32 clients with
+random parameters and random disconnects: requests by status, 5xx, sequences left running, server memory.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from model import GPT, GPTConfig, SamplingParams, gpt2_tokenizer, save_checkpoint
+from model.engine import Engine, Request
+
+PROMPT = "The history of the world is the history of"
+
+
+def engine_rate(model, tokens: int) -> float:
+    engine = Engine(model, gpt2_tokenizer(), max_batch=8).start()
+    done = threading.Event()
+    prompt = gpt2_tokenizer().encode(PROMPT)
+    rates = []
+    for _ in range(3):
+        done.clear()
+        start = time.perf_counter()
+        engine.submit(Request(prompt, tokens, SamplingParams(), lambda e: e.finish_reason and done.set()))
+        done.wait()
+        rates.append(tokens / (time.perf_counter() - start))
+    engine.stop()
+    return statistics.median(rates)
+
+
+def stream(client: httpx.Client, tokens: int, parameters: dict | None = None, disconnect_after: int | None = None):
+    """One streamed request: (status, token arrival times from the request's start)."""
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens, **(parameters or {})}}
+    start = time.perf_counter()
+    times = []
+    with client.stream("POST", "/generate_stream", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            return response.status_code, times
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                times.append(time.perf_counter() - start)
+                if disconnect_after is not None and len(times) >= disconnect_after:
+                    break  # leaving the block closes the connection mid-stream
+    return response.status_code, times
+
+
+def concurrent(url: str, n: int, tokens: int) -> tuple[float, list[float], list[float], int]:
+    results = [None] * n
+
+    def run(i):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            results[i] = stream(client, tokens)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    ttft = [times[0] for _, times in results if times]
+    itl = [b - a for _, times in results for a, b in zip(times, times[1:], strict=False)]
+    errors = sum(status != 200 for status, _ in results)
+    return sum(len(times) for _, times in results) / elapsed, ttft, itl, errors
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    values = sorted(values)
+    return (f"p50 {values[len(values) // 2] * 1000:.0f} ms, "
+            f"p95 {values[min(len(values) - 1, int(len(values) * 0.95))] * 1000:.0f} ms")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(url: str, seconds: float, clients: int, tokens: int) -> dict[int, int]:
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def run(seed: int):
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < deadline:
+                parameters = {"do_sample": rng.random() < 0.7, "temperature": rng.uniform(0.5, 1.5),
+                              "top_k": rng.choice([None, 10, 50]), "top_p": rng.choice([None, 0.9]),
+                              "repetition_penalty": rng.choice([None, 1.2]), "stop": rng.choice([[], ["."]]),
+                              "seed": rng.randrange(1 << 30)}
+                parameters = {k: v for k, v in parameters.items() if v is not None}
+                disconnect = rng.randrange(1, 20) if rng.random() < 0.3 else None
+                try:
+                    status, _ = stream(client, rng.randrange(4, tokens), parameters, disconnect)
+                except httpx.HTTPError:
+                    status = -1
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--soak-seconds", type=float, default=120)
+    parser.add_argument("--soak-clients", type=int, default=32)
+    parser.add_argument("--port", type=int, default=8311)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("small")).eval()
+    data = Path(tempfile.mkdtemp(prefix="scratchllm-bench-"))
+    env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(data), "SCRATCHLLM_SERVING_MAX_BATCH": "8",
+           "SCRATCHLLM_SERVING_MAX_QUEUE": "64"}
+    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    save_checkpoint(data / "checkpoints" / "bench", model, gpt2_tokenizer())
+    model.use_decode_layout()
+    raw = engine_rate(model, args.tokens)
+    print(f"engine, in-process, one sequence of {args.tokens} tokens: {raw:.1f} tokens/s")
+
+    server_log = open(data / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(args.port)], env=env,
+                              stdout=server_log, stderr=subprocess.STDOUT)
+    print(f"server log: {data / 'server.log'}")
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while True:
+                try:
+                    client.get("/livez")
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.3)
+            from app.db import Database
+            from app.models import Checkpoint
+
+            database = Database(f"sqlite:///{data / 'scratchllm.db'}")
+            with database.session() as session:
+                checkpoint = Checkpoint(step=0, path="checkpoints/bench", size_bytes=0, task="lm",
+                                        model_config=model.config.to_dict(), tokenizer_type="gpt2", metrics={})
+                session.add(checkpoint)
+                session.flush()
+                checkpoint_id = checkpoint.id
+            database.dispose()
+            client.post("/v1/deployments", json={"name": "small", "checkpoint_id": checkpoint_id})
+            while client.get("/health").status_code != 200:
+                time.sleep(0.3)
+            stream(client, 8)  # warm-up
+        single, ttft1, itl1, _ = concurrent(url, 1, args.tokens)
+        single = statistics.median([single] + [concurrent(url, 1, args.tokens)[0] for _ in range(2)])
+        print(f"HTTP+SSE, one stream: {single:.1f} tokens/s = {single / raw:.0%} of the engine's raw rate "
+              f"(target >= 90%)")
+        aggregate, ttft, itl, errors = concurrent(url, 8, args.tokens)
+        print(f"HTTP+SSE, 8 concurrent streams: {aggregate:.1f} tokens/s in all = {aggregate / single:.2f}x one "
+              f"stream (target >= 3x); errors {errors}")
+        print(f"  time to first token {percentiles(ttft)}; inter-token latency {percentiles(itl)}")
+        if args.soak_seconds > 0:
+            memory_before = rss_mb(server.pid)
+            statuses = soak(url, args.soak_seconds, args.soak_clients, args.tokens)
+            time.sleep(1)
+            metrics = httpx.get(f"{url}/metrics").text
+            running = [line for line in metrics.splitlines() if line.startswith("scratchllm_running_sequences{")]
+            waiting = [line for line in metrics.splitlines() if line.startswith("scratchllm_queue_depth{")]
+            memory_after = rss_mb(server.pid)
+            server_errors = sum(n for status, n in statuses.items() if status >= 500)
+            print(f"soak, {args.soak_clients} clients for {args.soak_seconds:.0f} s: requests by status "
+                  f"{json.dumps(statuses)}, 5xx {server_errors}; after it {running} {waiting}; "
+                  f"server memory {memory_before:.0f} MB -> {memory_after:.0f} MB")
+    finally:
+        server.terminate()
+        server.wait()
+        server_log.close()
+
+
+if __name__ == "__main__":
+    main()
