@@ -6,7 +6,8 @@ import tarfile
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
+
+from tests.helpers import assert_error, lenient
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,16 +58,6 @@ def import_checkpoint(api, weights: bytes, config: dict | bytes):
                                                      "config": ("config.json", config)})
 
 
-def assert_error(response, status: int, *words: str, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"type", "message", "param"}, error
-    for word in words:
-        assert word in error["message"], error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
 
 def data_dir(api):
     return api.app.state.settings.data_dir
@@ -77,10 +68,6 @@ def assert_nothing_imported(api) -> None:
     for folder in (data_dir(api) / "checkpoints" / ".staging", data_dir(api) / "checkpoints" / "imported"):
         assert not folder.exists() or list(folder.iterdir()) == [], list(folder.iterdir())
 
-
-def lenient(api) -> TestClient:
-    """A client on the same running app that answers a server error as a 500 response instead of raising it."""
-    return TestClient(api.app, raise_server_exceptions=False)
 
 
 def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:

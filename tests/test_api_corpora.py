@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from tests.helpers import assert_error
+
 
 def upload(api, content: bytes, filename: str, kind: str, **fields):
     return api.post("/v1/corpora", data={"kind": kind, **fields}, files={"file": (filename, content)})
@@ -53,13 +55,6 @@ def test_delete_removes_row_and_file(api, tmp_path):
                                                                 "deleted": True}
     assert not stored.exists()
     assert api.get(f"/v1/corpora/{corpus['id']}").status_code == 404
-
-
-def assert_error(response, status: int, *words: str):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    for word in words:
-        assert word in error["message"], error
 
 
 @pytest.mark.parametrize("content, filename, kind, status, words", [

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from fastapi.testclient import TestClient
+
+from tests.helpers import assert_error, lenient
 
 NANO_CONFIG = {"vocab_size": 50257, "context_length": 128, "n_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0,
                "qkv_bias": True, "bias": True, "layer_norm_eps": 1e-5}
@@ -40,24 +41,10 @@ def insert_checkpoint(api, task: str = "lm") -> str:
     return checkpoint_id
 
 
-def assert_error(response, status: int, *words: str, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"type", "message", "param"}, error
-    for word in words:
-        assert word in error["message"], error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
 
 def assert_no_jobs(api) -> None:
     assert api.get("/v1/jobs").json() == {"object": "list", "data": [], "has_more": False}
 
-
-def lenient(api) -> TestClient:
-    """A client on the same running app that answers a server error as a 500 response instead of raising it."""
-    return TestClient(api.app, raise_server_exceptions=False)
 
 
 @pytest.fixture
