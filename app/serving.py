@@ -48,6 +48,15 @@ class Served:
     retired: list[Loaded] = field(default_factory=list)
 
 
+class NotServing(Exception):
+    """A request for a deployment that cannot be answered; `reason` is missing, loading or wrong_task, which
+    each protocol turns into its own status."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
 class DeploymentManager:
     def __init__(self, database: Database, data_dir: Path, max_batch: int, max_queue: int, metrics: Metrics):
         self.database, self.data_dir, self.metrics = database, data_dir, metrics
@@ -125,6 +134,20 @@ class DeploymentManager:
             if name is None:
                 return next((s for s in self.served.values() if s.is_default), None)
             return self.served.get(name)
+
+    def serving(self, name: str | None, task: str) -> Served:
+        """The deployment (the default one without a name), loaded, and serving a model of this task."""
+        served = self.get(name)
+        if served is None:
+            raise NotServing("missing", f"no deployment named {name!r}" if name else "no default deployment")
+        if served.current is None:
+            raise NotServing("loading", served.error or f"deployment {served.name} is still loading checkpoint "
+                                                         f"{served.checkpoint_id}")
+        if served.current.meta["task"] != task:
+            other = "/classify" if task == "lm" else "/generate or /v1/completions"
+            kind = "a classifier" if task == "lm" else "a language model"
+            raise NotServing("wrong_task", f"deployment {served.name} serves {kind}: use {other}")
+        return served
 
     def stop(self) -> None:
         with self.lock:

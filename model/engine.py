@@ -155,7 +155,8 @@ class Engine:
             return
         tokens, logprobs = [], []
         for request in ready:
-            seen = torch.tensor([request.prompt + request.generated], device=request.logits.device)
+            seen = (torch.tensor([request.prompt + request.generated], device=request.logits.device)
+                    if request.params.uses_history else None)
             generators = None if request.generator is None else [request.generator]
             token = int(next_token(request.logits, request.params, seen, generators))
             tokens.append(token)

@@ -126,9 +126,9 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int,
         return outputs
     logits = decoder.prefill_ragged([prompts[i] for i in active], torch.tensor(active, device=device))
     while active:
-        seen = [torch.tensor(prompts[i] + outputs[i], device=device) for i in active]
         tokens = torch.cat([
-            next_token(logits[row: row + 1], params, seen[row][None],
+            next_token(logits[row: row + 1], params,
+                       torch.tensor([prompts[i] + outputs[i]], device=device) if params.uses_history else None,
                        None if generators is None else [generators[i]])
             for row, i in enumerate(active)
         ]).tolist()
@@ -169,10 +169,11 @@ def stream_generate(model: GPT, tokenizer, prompt: list[int], max_new_tokens: in
     decoder = Decoder(model, 1, len(prompt) + n_new)
     generators = make_generators(seed, 1, device)
     text = TextStream(tokenizer, stop)
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    logits = decoder.logits(ids)
+    history = list(prompt)
+    logits = decoder.logits(torch.tensor([prompt], dtype=torch.long, device=device))
     for i in range(n_new):
-        token = int(next_token(logits, params, ids, generators))
+        seen = torch.tensor([history], device=device) if params.uses_history else None
+        token = int(next_token(logits, params, seen, generators))
         if token == eos_id:
             yield StreamEvent(token, text.finish(), "eos")
             return
@@ -184,5 +185,5 @@ def stream_generate(model: GPT, tokenizer, prompt: list[int], max_new_tokens: in
             yield StreamEvent(token, delta + text.finish(), "length")
             return
         yield StreamEvent(token, delta)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-        logits = decoder.logits(ids[:, -1:])
+        history.append(token)
+        logits = decoder.logits(torch.tensor([[token]], device=device))

@@ -27,6 +27,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_history(self) -> bool:
+        """Whether choosing a token looks at the tokens before it (the repetition penalty does)."""
+        return self.repetition_penalty != 1.0
+
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL's penalty: divide positive, multiply negative logits [B, V] of the ids in seen [B, S]."""
@@ -47,8 +52,8 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token already >= p
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p  # mass before this token already >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import Reader
 from app.errors import APIError
+from app.serving import NotServing
 from model import encode_classification
 
 router = APIRouter(tags=["classification"], dependencies=[Reader])
@@ -25,16 +26,11 @@ class ClassifyRequest(BaseModel):
 
 
 def _classifier(request: Request, name: str | None):
-    served = request.app.state.deployments.get(name)
-    if served is None:
-        raise APIError(404 if name else 503, f"no deployment named {name!r}" if name else "no default deployment",
-                       param="model")
-    if served.current is None:
-        raise APIError(503, served.error or f"deployment {served.name} is still loading", type_="unavailable")
-    if served.current.meta["task"] != "classifier":
-        raise APIError(422, f"deployment {served.name} serves a language model: use /generate or "
-                            f"/v1/completions", param="model")
-    return served
+    try:
+        return request.app.state.deployments.serving(name, "classifier")
+    except NotServing as e:
+        status = {"missing": 404 if name else 503, "loading": 503, "wrong_task": 422}[e.reason]
+        raise APIError(status, e.message, param="model") from None
 
 
 @router.post("/classify")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.auth import Reader
+from app.serving import NotServing
 from app.streams import EngineStream, GenerationFailed, Overloaded
 from model import SamplingParams, StreamEvent
 
@@ -72,16 +73,13 @@ async def _parse(request: Request) -> GenerateRequest:
 
 
 def _loaded(request: Request, deployment: str | None):
-    served = request.app.state.deployments.get(deployment)
-    if served is None:
-        what = f"no deployment named {deployment!r}" if deployment else "no default deployment"
-        raise TGIError(404 if deployment else 503, what, "not_found" if deployment else "unavailable")
-    if served.current is None:
-        reason = served.error or f"deployment {served.name} is still loading checkpoint {served.checkpoint_id}"
-        raise TGIError(503, reason, "unavailable")
-    if served.current.engine is None:
-        raise TGIError(422, f"deployment {served.name} serves a classifier: use /classify", "validation")
-    return served
+    try:
+        return request.app.state.deployments.serving(deployment, "lm")
+    except NotServing as e:
+        status = {"missing": 404 if deployment else 503, "loading": 503, "wrong_task": 422}[e.reason]
+        kind = {"missing": "not_found" if deployment else "unavailable", "loading": "unavailable",
+                "wrong_task": "validation"}[e.reason]
+        raise TGIError(status, e.message, kind) from None
 
 
 class Admitted:
@@ -123,6 +121,10 @@ class Admitted:
         return {"finish_reason": FINISH_REASONS[event.finish_reason], "generated_tokens": n_tokens,
                 "seed": self.seed}
 
+    def token(self, event: StreamEvent, text: str) -> dict[str, Any]:
+        return {"id": event.token_id, "text": text, "logprob": event.logprob,
+                "special": event.token_id == self.tokenizer.eot_id}
+
     def final_text(self, text: str) -> str:
         return self.body.inputs + text if self.body.parameters.return_full_text else text
 
@@ -131,20 +133,16 @@ async def _generate(request: Request, deployment: str | None, as_list: bool = Fa
     body = await _parse(request)
     admitted = Admitted(body, _loaded(request, deployment), request.app.state.metrics)
     timeout_s = request.app.state.settings.generation_timeout_s
-    texts, tokens = [], []
+    events = []
     try:
-        while True:
-            event = await admitted.next_event(timeout_s)
-            texts.append(event.text)
-            tokens.append({"id": event.token_id, "text": admitted.tokenizer.decode([event.token_id]),
-                           "logprob": event.logprob, "special": event.token_id == admitted.tokenizer.eot_id})
-            if event.finish_reason is not None:
-                break
+        while not events or events[-1].finish_reason is None:
+            events.append(await admitted.next_event(timeout_s))
     finally:
         admitted.abort()  # a no-op once finished; stops the sequence if this request was cancelled
-    answer: dict[str, Any] = {"generated_text": admitted.final_text("".join(texts))}
+    answer: dict[str, Any] = {"generated_text": admitted.final_text("".join(e.text for e in events))}
     if body.parameters.details:
-        answer["details"] = {**admitted.details(event, len(tokens)), "prefill": [], "tokens": tokens}
+        tokens = [admitted.token(e, admitted.tokenizer.decode([e.token_id])) for e in events]
+        answer["details"] = {**admitted.details(events[-1], len(events)), "prefill": [], "tokens": tokens}
     return JSONResponse([answer] if as_list else answer)
 
 
@@ -164,9 +162,7 @@ async def _generate_stream(request: Request, deployment: str | None) -> Streamin
                     return
                 texts.append(event.text)
                 last = event.finish_reason is not None
-                message = {"index": index, "token": {"id": event.token_id, "text": event.text,
-                                                     "logprob": event.logprob,
-                                                     "special": event.token_id == admitted.tokenizer.eot_id},
+                message = {"index": index, "token": admitted.token(event, event.text),
                            "generated_text": admitted.final_text("".join(texts)) if last else None,
                            "details": admitted.details(event, index) if last else None}
                 yield f"data:{json.dumps(message)}\n\n"

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.auth import ReadOrTrain
 from app.db import utcnow
@@ -62,7 +62,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
         raise APIError(409, f"job {job.id} already ended {job.status}", param="job_id")
     if job.status == "queued":
         # conditional: a worker may be taking the job at this very moment
-        taken = session.execute(Job.__table__.update().where(Job.id == job.id, Job.status == "queued").values(
+        taken = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
             status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
         if taken:
             session.add(JobEvent(job_id=job.id, type="status", message="job cancelled before it started",
@@ -70,7 +70,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
             session.commit()
             session.refresh(job)
             return JobOut.of(job)
-    session.execute(Job.__table__.update().where(Job.id == job.id).values(cancel_requested=True))
+    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
     session.add(JobEvent(job_id=job.id, type="cancel", message="cancellation requested"))
     session.commit()
     session.refresh(job)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.auth import Reader
 from app.errors import APIError
+from app.serving import NotServing
 from app.streams import EngineStream, GenerationFailed, Overloaded
 from model import SamplingParams, format_prompt
 
@@ -60,15 +61,15 @@ class ChatRequest(Sampling):
 
 
 def _served(request: Request, name: str | None):
-    served = request.app.state.deployments.get(name)
-    if served is None:
-        raise APIError(404, f"the model {name!r} does not exist" if name else "no default deployment",
-                       param="model", type_="not_found")
-    if served.current is None:
-        raise APIError(503, served.error or f"model {served.name} is still loading", type_="unavailable")
-    if served.current.engine is None:
-        raise APIError(400, f"model {served.name} is a classifier: use /classify", param="model")
-    return served
+    try:
+        return request.app.state.deployments.serving(name, "lm")
+    except NotServing as e:
+        if e.reason == "missing":
+            message = f"the model {name!r} does not exist" if name else e.message
+            raise APIError(404, message, param="model", type_="not_found") from None
+        if e.reason == "loading":
+            raise APIError(503, e.message, type_="unavailable") from None
+        raise APIError(400, e.message, param="model") from None
 
 
 async def _parse(request: Request, schema):
