@@ -8,10 +8,11 @@ last incomplete batch dropped; the 124M config with context 256, dropout 0.1, no
 constant, weight decay 0.1, betas (0.9, 0.999) (torch's default, which the book uses), no gradient
 clipping, 10 epochs, torch.manual_seed(123).
 
-What differs from the book: our GPT ties the LM head to the token embedding (124M parameters; the book's
-GPTModel has a separate output layer, 163M), and the Trainer's AdamW does not decay biases and LayerNorm
-weights. --init book (the default) initialises as the book does as far as the tied head allows (see
-book_init); --init gpt2 keeps the library's GPT-2 init, with which this run stalls near loss 6.
+What differs from the book: the Trainer's AdamW does not decay biases and LayerNorm weights. --head untied
+(the default) is the book's GPTModel: a separate output layer (163M parameters) and PyTorch's default init
+(book_init); --head tied ties the LM head to the token embedding as GPT-2 does (124M), keeping the book's
+init as far as a tied head allows; --init gpt2 keeps the library's GPT-2 init, with which this run stalls
+near loss 6.
 
 Prints the training loss (the book's calc_loss_loader: every training window, model in eval mode; also the
 mean of the last epoch's batch losses, in train mode with dropout), the validation loss, a greedy
@@ -51,22 +52,21 @@ def mean_loss(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int) 
 
 @torch.no_grad()
 def book_init(model: GPT) -> None:
-    """Initialise like the book's GPTModel (PyTorch's defaults) as far as a tied LM head allows.
+    """Initialise like the book's GPTModel: PyTorch's defaults.
 
-    The book's token and position embeddings are nn.Embedding's N(0, 1) and its linear layers have
-    nn.Linear's default (Kaiming-uniform) init, including a separate output layer whose logits start with
-    a standard deviation of about 0.58. Our LM head is the token embedding itself, so with N(0, 1)
-    embeddings the final LayerNorm's gain is set to 1 / sqrt(3 * n_embd) (the std of that output layer's
-    weights): the first logits then have the book's scale. Large embeddings are what let the model
-    memorise the 4.6k training tokens in 90 steps: with GPT-2's N(0, 0.02) init, Adam's updates of size
-    lr soon outweigh each token's random embedding and training stalls near the unigram loss (about 6).
+    Token and position embeddings are nn.Embedding's N(0, 1) and linear layers, the output layer
+    included, have nn.Linear's Kaiming-uniform init: the first logits have a standard deviation of about
+    0.58. Large embeddings are what let the model memorise the 4.6k training tokens in 90 steps: with
+    GPT-2's N(0, 0.02) init, Adam's updates of size lr soon outweigh each token's random embedding and
+    training stalls near the unigram loss (about 6). A tied head is the N(0, 1) embedding itself, so the
+    final LayerNorm's gain is set to 1 / sqrt(3 * n_embd), the output layer's weight std, to start from
+    the same logit scale.
     """
-    nn.init.normal_(model.wpe.weight, std=1.0)
-    nn.init.normal_(model.wte.weight, std=1.0)
-    model.ln_f.weight.fill_(1 / math.sqrt(3 * model.config.n_embd))
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear | nn.Embedding):
             module.reset_parameters()
+    if model.lm_head is None:
+        model.ln_f.weight.fill_(1 / math.sqrt(3 * model.config.n_embd))
 
 
 def main() -> None:
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--init", choices=("book", "gpt2"), default="book",
                         help="book: the book's embedding and linear init (see book_init); gpt2: the library's")
+    parser.add_argument("--head", choices=("untied", "tied"), default="untied",
+                        help="untied: a separate output layer, as in the book; tied: GPT-2's tied LM head")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     setup(args.threads)
@@ -94,11 +96,12 @@ def main() -> None:
           f"{batch_size}x{block_size} per epoch, {max_steps} steps")
 
     torch.manual_seed(args.seed)
-    config = GPTConfig.preset("gpt2", context_length=256, dropout=0.1, qkv_bias=False)
+    config = GPTConfig.preset("gpt2", context_length=256, dropout=0.1, qkv_bias=False,
+                              tie_embeddings=args.head == "tied")
     model = GPT(config)
     if args.init == "book":
         book_init(model)
-    print(f"init: {args.init}; model: {model.num_parameters() / 1e6:.1f}M parameters (tied LM head)")
+    print(f"init: {args.init}; model: {model.num_parameters() / 1e6:.1f}M parameters ({args.head} LM head)")
     print(f"before: train loss {mean_loss(model, train_tokens, block_size, batch_size):.3f}, "
           f"val loss {mean_loss(model, val_tokens, block_size, batch_size):.3f}")
 

@@ -1,5 +1,7 @@
 """GPTClassifier: a GPT body and an n-class head reading the hidden state of each text's last real token."""
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,8 +15,8 @@ class GPTClassifier(nn.Module):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"a classifier needs at least two classes, got {n_classes}")
-        self.config = config
-        self.gpt = GPT(config)
+        self.config = replace(config, tie_embeddings=True)  # a classifier has no LM head to untie
+        self.gpt = GPT(self.config)
         self.head = nn.Linear(config.n_embd, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -23,7 +25,8 @@ class GPTClassifier(nn.Module):
     def from_lm(cls, lm: GPT, n_classes: int) -> "GPTClassifier":
         """A classifier whose body starts as a copy of a trained language model's."""
         model = cls(lm.config, n_classes)
-        model.gpt.load_state_dict(lm.state_dict())
+        body = {name: tensor for name, tensor in lm.state_dict().items() if not name.startswith("lm_head.")}
+        model.gpt.load_state_dict(body)
         return model.to(lm.wte.weight.device)
 
     @property

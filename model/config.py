@@ -30,6 +30,9 @@ class GPTConfig:
     qkv_bias: bool = True  # GPT-2 has biases on the QKV projection; the book's own model turns them off
     bias: bool = True  # biases of the other linear layers and the LayerNorms
     layer_norm_eps: float = 1e-5
+    # GPT-2 reads logits off the token embedding; the book's GPTModel has a separate output layer,
+    # which trains differently from its N(0, 1) init (see bench/bench_verdict.py).
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):

@@ -24,7 +24,7 @@ class Decoder:
     """Prefill and one-token steps of a GPT over a KV cache.
 
     On CPU, call model.use_decode_layout() once before serving: it makes every step ~1.5x faster.
-    Reading the tied LM head dominates a one-token step. One matrix-vector product runs on one core, so
+    Reading the LM head dominates a one-token step. One matrix-vector product runs on one core, so
     the head is kept as a batch of column blocks [n, C, V/n], one per thread, multiplied with bmm, which
     spreads the blocks over the threads: about 1.5x faster on two cores.
     """
@@ -32,7 +32,7 @@ class Decoder:
     def __init__(self, model: GPT, n_slots: int, max_length: int | None = None):
         self.model = model
         self.cache = model.new_cache(n_slots, max_length)
-        head = model.wte.weight.detach().t()  # [C, V]
+        head = model.output_weight.detach().t()  # [C, V]
         self.vocab_size = head.shape[1]
         n_blocks = max(1, torch.get_num_threads())
         width = -(-self.vocab_size // n_blocks)

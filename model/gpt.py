@@ -1,4 +1,5 @@
-"""The GPT: token + learned position embeddings, pre-LayerNorm blocks, a final LayerNorm, tied LM head."""
+"""The GPT: token + learned position embeddings, pre-LayerNorm blocks, a final LayerNorm and an LM head
+tied to the token embedding (or, with tie_embeddings=False, a separate output layer)."""
 
 import math
 
@@ -46,6 +47,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size,
+                                                                    bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -69,6 +72,11 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding) and module.weight.is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The LM head's weight [vocab_size, C]: the token embedding when tied."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -103,7 +111,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits [B, T, vocab_size] and, with targets [B, T] (-100 = ignored), the mean loss."""
-        logits = F.linear(self.hidden_states(idx), self.wte.weight)
+        hidden = self.hidden_states(idx)
+        logits = F.linear(hidden, self.wte.weight) if self.lm_head is None else self.lm_head(hidden)
         if targets is None:
             return logits, None
         return logits, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

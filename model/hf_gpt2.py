@@ -10,6 +10,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -146,11 +147,17 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     hf_config = {**hf_config, **(config or {})}
     state = _hf_state(state)
 
-    lm_head = state.pop("lm_head.weight", None)
     gpt_config = _gpt_config(hf_config, state)
-    if lm_head is not None and not torch.equal(lm_head, state["wte.weight"].to(lm_head)):
-        raise ValueError("lm_head.weight differs from wte.weight: our GPT's output head is tied to the "
-                         "token embedding, so an untied head cannot be imported")
+    # As in transformers, tie_word_embeddings (default true) decides and a tied head's stored copy is
+    # ignored. A bare state dict has no config: a head that differs from wte.weight is an untied head.
+    lm_head = state.get("lm_head.weight")
+    tied = hf_config.get("tie_word_embeddings")
+    if tied is None:
+        tied = lm_head is None or torch.equal(lm_head, state["wte.weight"].to(lm_head))
+    if tied:
+        state.pop("lm_head.weight", None)
+    else:
+        gpt_config = replace(gpt_config, tie_embeddings=False)
 
     with torch.device("meta"):
         model = GPT(gpt_config)
@@ -205,7 +212,7 @@ def export_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
         "attn_pdrop": c.dropout,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": c.tie_embeddings,
     }
     # GPT-2's <|endoftext|> id would point outside a smaller vocabulary, which transformers warns about.
     if c.vocab_size > GPT2_EOT_ID:

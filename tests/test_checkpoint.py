@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,6 +38,13 @@ def test_round_trip_keeps_weights_and_metadata(saved):
     assert meta["task"] == "lm" and meta["step"] == 12 and meta["metrics"] == {"val_loss": 3.5}
     assert meta["parent"] == "abc" and meta["model"] == CONFIG.to_dict()
     assert tokenizer.eot_id == 50256 and meta["tokenizer"] == {"type": "gpt2"}
+
+
+def test_untied_head_round_trip(tmp_path):
+    model = GPT(replace(CONFIG, tie_embeddings=False))
+    loaded, _, meta = load_checkpoint(save_checkpoint(tmp_path / "u", model, gpt2_tokenizer()))
+    assert meta["model"]["tie_embeddings"] is False
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_classifier_checkpoint_keeps_labels(tmp_path):

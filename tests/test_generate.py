@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,7 +25,15 @@ def tokenizer():
     return gpt2_tokenizer()
 
 
-def test_cached_logits_equal_full_recompute(model):
+@pytest.fixture(scope="module")
+def untied_model():
+    torch.manual_seed(1)
+    return GPT(replace(CONFIG, tie_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_cached_logits_equal_full_recompute(model, untied_model, head):
+    model = model if head == "tied" else untied_model
     idx = torch.randint(0, CONFIG.vocab_size, (2, 20))
     full = model(idx)[0]
     decoder = Decoder(model, 2)

@@ -155,10 +155,30 @@ def test_unexpected_key_is_named(small_state):
         import_hf_gpt2(small_state, {"n_head": 4})
 
 
-def test_untied_lm_head_is_refused(small_state):
+@pytest.fixture(scope="module")
+def untied_hf():
+    return hf_gpt2(**SMALL, tie_word_embeddings=False)
+
+
+def test_untied_head_imports_and_exports_both_ways(untied_hf, tmp_path):
+    state = untied_hf.state_dict()
+    assert not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    ours = import_hf_gpt2(state, {"n_head": 4})
+    assert ours.config.tie_embeddings is False
+    assert max_logit_difference(ours, untied_hf, tokens(2, 32)) < TOLERANCE
+
+    export_hf_gpt2(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert max_logit_difference(ours, reloaded, tokens(2, 32)) < TOLERANCE
+    assert import_hf_gpt2(tmp_path).config.tie_embeddings is False
+
+
+def test_a_tied_config_ignores_a_stored_head_copy_as_transformers_does(small_hf, small_state):
     small_state["lm_head.weight"] = small_state["lm_head.weight"] + 1
-    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        import_hf_gpt2(small_state, {"n_head": 4})
+    ours = import_hf_gpt2(small_state, {"n_head": 4, "tie_word_embeddings": True})
+    assert ours.config.tie_embeddings is True
+    assert max_logit_difference(ours, small_hf, tokens(2, 32)) < TOLERANCE
 
 
 def test_n_head_is_required_for_a_bare_state_dict(small_state):

@@ -66,6 +66,21 @@ def test_forward_shapes_loss_and_tied_head():
     assert torch.allclose(partial, expected, atol=1e-5)
 
 
+def test_untied_head_is_a_separate_output_layer():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, tie_embeddings=False))
+    assert model.lm_head.weight.shape == (300, 32)
+    assert model.num_parameters() == GPT(GPTConfig(**TINY)).num_parameters() + 300 * 32
+    idx = torch.randint(0, 300, (2, 7))
+    logits, _ = model(idx)
+    assert torch.allclose(logits, model.hidden_states(idx) @ model.lm_head.weight.t(), atol=1e-6)
+    assert not torch.allclose(logits, model.hidden_states(idx) @ model.wte.weight.t(), atol=1e-3)
+
+    classifier = GPTClassifier.from_lm(model, 2)  # a classifier reads hidden states: no LM head to keep
+    assert classifier.gpt.lm_head is None and classifier.config.tie_embeddings
+    assert torch.equal(classifier.gpt.hidden_states(idx), model.hidden_states(idx))
+
+
 def test_residual_projections_get_the_scaled_init():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=300, context_length=32, n_layer=8, n_head=4, n_embd=256)

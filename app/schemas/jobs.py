@@ -22,6 +22,7 @@ class ModelSpec(Strict):
     context_length: int | None = Field(None, ge=2, le=32768)
     dropout: float | None = Field(None, ge=0, lt=1)
     qkv_bias: bool | None = None
+    tie_embeddings: bool | None = Field(None, description="false: a separate output layer, as in the book")
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
