@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.errors import not_found
-from app.models import Checkpoint, Corpus, Job
+from app.models import Checkpoint, Corpus, Evaluation, Job
 from app.settings import Settings
 
 
@@ -52,9 +52,14 @@ def checkpoint_by_id(session: SessionDep, checkpoint_id: Annotated[str, Path(max
     return _row_or_404(session, Checkpoint, checkpoint_id, "checkpoint")
 
 
+def evaluation_by_id(session: SessionDep, evaluation_id: Annotated[str, Path(max_length=40)]) -> Evaluation:
+    return _row_or_404(session, Evaluation, evaluation_id, "evaluation")
+
+
 CorpusDep = Annotated[Corpus, Depends(corpus_by_id)]
 JobDep = Annotated[Job, Depends(job_by_id)]
 CheckpointDep = Annotated[Checkpoint, Depends(checkpoint_by_id)]
+EvaluationDep = Annotated[Evaluation, Depends(evaluation_by_id)]
 
 
 class PageParams:

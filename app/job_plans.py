@@ -1,10 +1,15 @@
-"""Checking a job request against the database and the model library before it is queued."""
+"""Checking a job request against the database and the model library, queueing it, cancelling it."""
 
+from celery import Celery
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.errors import APIError
-from app.models import Checkpoint, Corpus, Job, JobEvent
+from app.models import FINISHED_JOB_STATUSES, Checkpoint, Corpus, Job, JobEvent
+from app.queue import enqueue_job
 from app.schemas.jobs import CORPUS_KIND_OF, JobCreate
+from app.settings import Settings
 from model import ConfigError, GPTConfig
 from model.config import GPT2_VOCAB_SIZE
 
@@ -74,3 +79,34 @@ def create_job(session: Session, request: JobCreate) -> Job:
     session.flush()
     session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
     return job
+
+
+def queue_job(celery: Celery, settings: Settings, session: Session, job: Job) -> None:
+    """Send a committed job to the workers; if the broker does not take it, the job fails (it must not sit
+    queued forever) and the caller gets a 503."""
+    try:
+        enqueue_job(celery, settings, job.id)
+    except Exception as e:
+        job.status, job.error, job.finished_at = "failed", f"could not be queued: {e}", utcnow()
+        session.commit()
+        raise APIError(503, f"the job queue is unavailable ({type(e).__name__}); job {job.id} was not queued") from e
+
+
+def cancel_job(session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is asked to stop, and its worker ends it."""
+    if job.status in FINISHED_JOB_STATUSES:
+        raise APIError(409, f"job {job.id} already ended {job.status}", param="job_id")
+    if job.status == "queued":
+        # conditional: a worker may be taking the job at this very moment
+        taken = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+            status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
+        if taken:
+            session.add(JobEvent(job_id=job.id, type="status", message="job cancelled before it started",
+                                 data={"status": "cancelled"}))
+            session.commit()
+            session.refresh(job)
+            return
+    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.add(JobEvent(job_id=job.id, type="cancel", message="cancellation requested"))
+    session.commit()
+    session.refresh(job)

@@ -14,7 +14,17 @@ from app.errors import error_body, install_error_handlers
 from app.metrics import Metrics
 from app.queue import make_celery
 from app.reaper import reap_forever
-from app.routers import checkpoints, classify, corpora, deployments, generation, jobs, keys, openai_compat
+from app.routers import (
+    checkpoints,
+    classify,
+    corpora,
+    deployments,
+    evaluations,
+    generation,
+    jobs,
+    keys,
+    openai_compat,
+)
 from app.serving import DeploymentManager, follow_deployments
 from app.settings import Settings, get_settings
 
@@ -51,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(corpora.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
+    app.include_router(evaluations.router)
     app.include_router(keys.router)
     app.include_router(deployments.router)
     app.include_router(generation.router)

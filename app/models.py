@@ -1,4 +1,4 @@
-"""The tables: corpora, jobs with their events and metrics, checkpoints, deployments and API keys."""
+"""The tables: corpora, jobs with their events and metrics, checkpoints, evaluations, deployments and API keys."""
 
 from datetime import datetime
 from typing import Any
@@ -20,9 +20,12 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.db import Base, UTCDateTime, new_id, utcnow
 
 CORPUS_KINDS = ("text", "classification", "instruction")
-JOB_TYPES = ("pretrain", "finetune_classifier", "finetune_instruct")
+TRAINING_JOB_TYPES = ("pretrain", "finetune_classifier", "finetune_instruct")
+JOB_TYPES = (*TRAINING_JOB_TYPES, "evaluate")
+EVALUATION_KINDS = ("lm", "classifier", "instruct")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running")
+FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 API_KEY_SCOPES = ("read", "train", "admin")
 
 
@@ -120,6 +123,40 @@ class Checkpoint(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="SET NULL"))
     source: Mapped[str] = mapped_column(String(20), default="training")  # training or import
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Evaluation(Base):
+    """The results of an `evaluate` job: one checkpoint scored on one corpus."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eval"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    # the numbers outlive a deleted checkpoint: they are the record of why it was dropped
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="SET NULL"), index=True)
+    corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id", ondelete="RESTRICT"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # lm, classifier or instruct
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)  # windowing, limits, judge: what the numbers depend on
+    metrics: Mapped[dict[str, float] | None] = mapped_column(JSON)  # flat name -> number, for comparing
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per class, confusion matrix, judge, ...
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    job: Mapped[Job] = relationship()
+
+
+class EvaluationExample(Base):
+    """One scored record of an evaluation: a classified text or an answered instruction."""
+
+    __tablename__ = "evaluation_examples"
+    __table_args__ = (UniqueConstraint("evaluation_id", "position", name="uq_evaluation_examples_position"),
+                      Index("ix_evaluation_examples_score", "evaluation_id", "score"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # the record's index in the corpus
+    score: Mapped[float] = mapped_column(Float)  # lower is worse: the true class's probability, token F1
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class Deployment(Base):

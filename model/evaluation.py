@@ -242,3 +242,21 @@ def token_f1(response: str, reference: str) -> float:
         return 0.0
     precision, recall = shared / len(ours), shared / len(theirs)
     return 2 * precision * recall / (precision + recall)
+
+
+# The book's chapter-7 judge prompt; the instruction part is the Alpaca prompt the model answered.
+JUDGE_PROMPT = ("Given the input `{prompt}` and correct output `{reference}`, score the model response "
+                "`{response}` on a scale from 0 to 100, where 100 is the best score. "
+                "Respond with the integer number only.")
+
+
+def judge_prompt(record: dict, response: str) -> str:
+    return JUDGE_PROMPT.format(prompt=format_prompt(record), reference=record["output"], response=response)
+
+
+def parse_judge_score(reply: str) -> int | None:
+    """The first whole number in a judge's reply if it is a score from 0 to 100, else None."""
+    match = re.search(r"\d+", reply)
+    if match is None or int(match.group()) > 100:
+        return None
+    return int(match.group())

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import torch
 
-from tests.helpers import assert_error, lenient
+from tests.helpers import assert_error, lenient, upload_corpus
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,12 +69,6 @@ def assert_nothing_imported(api) -> None:
     for folder in (data_dir(api) / "checkpoints" / ".staging", data_dir(api) / "checkpoints" / "imported"):
         assert not folder.exists() or list(folder.iterdir()) == [], list(folder.iterdir())
 
-
-
-def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
-    response = api.post("/v1/corpora", data={"kind": kind}, files={"file": (filename, content)})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
 
 
 def test_import_read_list_and_download(client, tiny_hf, tmp_path):

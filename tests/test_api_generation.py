@@ -1,31 +1,15 @@
 import json
 import time
-import uuid
 
 import pytest
 import torch
 
 from app.db import Database
 from app.models import Checkpoint
-from model import GPT, GPTClassifier, GPTConfig, generate, gpt2_tokenizer, save_checkpoint
+from model import GPT, GPTClassifier, GPTConfig, generate, gpt2_tokenizer
+from tests.helpers import add_checkpoint
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=64, n_layer=2, n_head=4, n_embd=32)
-
-
-def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
-    settings = api.app.state.settings
-    relative = f"checkpoints/test/{uuid.uuid4().hex}"
-    save_checkpoint(settings.data_dir / relative, model, gpt2_tokenizer(), label_names=label_names)
-    database = Database(settings.sqlalchemy_url)
-    with database.session() as session:
-        checkpoint = Checkpoint(step=1, path=relative, size_bytes=1, task="classifier" if label_names else "lm",
-                                label_names=label_names, model_config=CONFIG.to_dict(), tokenizer_type="gpt2",
-                                metrics={}, prompt_format=prompt_format)
-        session.add(checkpoint)
-        session.flush()
-        checkpoint_id = checkpoint.id
-    database.dispose()
-    return checkpoint_id
 
 
 def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:

@@ -4,19 +4,13 @@ import json
 
 import pytest
 
-from tests.helpers import assert_error, lenient
+from tests.helpers import assert_error, lenient, upload_corpus
 
 NANO_CONFIG = {"vocab_size": 50257, "context_length": 128, "n_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0,
                "qkv_bias": True, "bias": True, "layer_norm_eps": 1e-5,
                "tie_embeddings": True}
 SMS = b"ham\thello there\nspam\twin a prize now\nham\tsee you soon\nspam\tfree money\n"
 INSTRUCTIONS = json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4).encode()
-
-
-def upload(api, content: bytes, filename: str, kind: str) -> str:
-    response = api.post("/v1/corpora", data={"kind": kind}, files={"file": (filename, content)})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
 
 
 def readme_job(corpus_id: str, /, **changes) -> dict:
@@ -50,7 +44,7 @@ def assert_no_jobs(api) -> None:
 
 @pytest.fixture
 def text_corpus(api) -> str:
-    return upload(api, b"every effort moves you\n" * 40, "the-text.txt", "text")
+    return upload_corpus(api, b"every effort moves you\n" * 40, "the-text.txt", "text")
 
 
 def test_submit_readme_pretrain_job(api, text_corpus, tmp_path):
@@ -91,7 +85,7 @@ def test_defaults_of_a_minimal_request(api, text_corpus):
 
 def test_list_filters_and_pages(api, text_corpus):
     pretrains = [api.post("/v1/jobs", json=readme_job(text_corpus, seed=i)).json()["id"] for i in range(5)]
-    classification = upload(api, SMS, "sms.tsv", "classification")
+    classification = upload_corpus(api, SMS, "sms.tsv", "classification")
     finetune = api.post("/v1/jobs", json={"type": "finetune_classifier", "corpus_id": classification,
                                           "base_checkpoint_id": insert_checkpoint(api)})
     assert finetune.status_code == 201, finetune.text
@@ -201,8 +195,8 @@ INVALID = [  # (id, changes to the README request, or a function of the fixture'
 
 @pytest.fixture
 def ids(api, text_corpus) -> dict:
-    return {"text": text_corpus, "classification": upload(api, SMS, "sms.tsv", "classification"),
-            "instruction": upload(api, INSTRUCTIONS, "i.json", "instruction"),
+    return {"text": text_corpus, "classification": upload_corpus(api, SMS, "sms.tsv", "classification"),
+            "instruction": upload_corpus(api, INSTRUCTIONS, "i.json", "instruction"),
             "lm": insert_checkpoint(api), "classifier": insert_checkpoint(api, "classifier")}
 
 
@@ -317,7 +311,7 @@ def test_deleting_a_corpus_that_a_job_uses(api, text_corpus):
 def test_validation_corpus_is_checked(api, text_corpus):
     job = api.post("/v1/jobs", json=readme_job(text_corpus, validation_corpus_id=text_corpus))
     assert job.status_code == 201 and job.json()["validation_corpus_id"] == text_corpus
-    classification = upload(api, SMS, "sms.tsv", "classification")
+    classification = upload_corpus(api, SMS, "sms.tsv", "classification")
     assert_error(api.post("/v1/jobs", json=readme_job(text_corpus, validation_corpus_id=classification)), 422,
                  "is a classification corpus", param="validation_corpus_id")
     assert_error(api.post("/v1/jobs", json=readme_job(text_corpus, validation_corpus_id="corpus_nope")), 422,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from model import GPT, format_prompt, generate, gpt2_tokenizer
-from tests.test_api_generation import CONFIG, add_checkpoint, deploy
+from tests.helpers import add_checkpoint
+from tests.test_api_generation import CONFIG, deploy
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ WRITE_INTERVAL_S = 0.5  # progress and metrics are written at most this often, a
 
 class JobReporter(Callback):
     def __init__(self, database: Database, job_id: str, owner: str, data_dir: Path, parent_checkpoint_id: str | None,
-                 prompt_format: str | None):
+                 prompt_format: str | None = None):
         self.database, self.job_id, self.owner, self.data_dir = database, job_id, owner, data_dir
         self.parent_checkpoint_id, self.prompt_format = parent_checkpoint_id, prompt_format
         self.pending_metrics: list[dict] = []

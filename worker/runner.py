@@ -1,4 +1,5 @@
-"""Running one job in a worker process: take its lease, train, report, and end it in exactly one state."""
+"""Running one job in a worker process: take its lease, train or evaluate, report, and end it in exactly one
+state."""
 
 import logging
 import signal
@@ -11,6 +12,7 @@ from app.models import Checkpoint, Corpus, Job
 from app.queue import enqueue_job, make_celery
 from app.settings import Settings
 from model import Trainer, load_checkpoint
+from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
 from worker.leases import claim, heartbeat, release
 from worker.reporting import JobReporter
@@ -68,24 +70,13 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     try:
         with database.session() as session:
             job = session.get(Job, job_id)
-            corpus_ids = [i for i in (job.corpus_id, job.validation_corpus_id) if i]
-            corpora = dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids))).all())
-            base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
-            resume = _resume_point(session, job_id, settings)
-        plan = plan_job(job, settings, corpora, base.path if base else None)
-        reporter = JobReporter(database, job_id, owner, settings.data_dir, base.id if base else None,
-                               plan.prompt_format)
+        reporter = JobReporter(database, job_id, owner, settings.data_dir, job.base_checkpoint_id)
         reporter.should_stop = _stop_also_on(shutdown, reporter)
-        trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, checkpoints_dir(settings, job_id),
-                          reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
-                          parent=base.id if base else None)
-        if resume is not None:
-            _load_weights(plan.model, settings.data_dir / resume.path)
-            trainer.resume(settings.data_dir / resume.path)
-            reporter.event("resume", f"resumed from the checkpoint at step {resume.step}",
-                           {"checkpoint_id": resume.id, "step": resume.step})
-        result = trainer.train()
-        reporter.flush()
+        if job.type == "evaluate":
+            metrics = evaluate(database, settings, job_id, reporter)
+            step = reporter.progress.step if reporter.progress else 0
+        else:
+            metrics, step = _train(database, settings, job, reporter)
     except Exception as e:
         log.exception("job %s failed", job_id)
         release(database, job_id, owner, "failed", f"job failed: {e}", error=f"{type(e).__name__}: {e}")
@@ -94,15 +85,36 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
         beat.stopped.set()
         if in_main_thread:
             signal.signal(HAND_BACK_SIGNAL, previous)
-    if result.status == "completed":
-        release(database, job_id, owner, "succeeded", f"job succeeded at step {result.step}",
-                data={"metrics": result.metrics})
+    if metrics is not None:
+        release(database, job_id, owner, "succeeded", f"job succeeded at step {step}", data={"metrics": metrics})
     elif reporter.stop_reason == "cancelled":
-        release(database, job_id, owner, "cancelled", f"job cancelled at step {result.step}")
+        release(database, job_id, owner, "cancelled", f"job cancelled at step {step}")
     elif reporter.stop_reason == "shutdown" and release(
-            database, job_id, owner, "queued", f"worker shutting down: job re-queued at step {result.step}"):
+            database, job_id, owner, "queued", f"worker shutting down: job re-queued at step {step}"):
         enqueue_job(make_celery(settings), settings, job_id)
     # "lease lost": the job was taken from us (we were presumed dead); whoever holds it now ends it
+
+
+def _train(database: Database, settings: Settings, job: Job, reporter: JobReporter) -> tuple[dict | None, int]:
+    """Train the job from its latest checkpoint, if any: (the final metrics, or None if stopped; the step)."""
+    with database.session() as session:
+        corpus_ids = [i for i in (job.corpus_id, job.validation_corpus_id) if i]
+        corpora = dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids))).all())
+        base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
+        resume = _resume_point(session, job.id, settings)
+    plan = plan_job(job, settings, corpora, base.path if base else None)
+    reporter.prompt_format = plan.prompt_format
+    trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, checkpoints_dir(settings, job.id),
+                      reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
+                      parent=base.id if base else None)
+    if resume is not None:
+        _load_weights(plan.model, settings.data_dir / resume.path)
+        trainer.resume(settings.data_dir / resume.path)
+        reporter.event("resume", f"resumed from the checkpoint at step {resume.step}",
+                       {"checkpoint_id": resume.id, "step": resume.step})
+    result = trainer.train()
+    reporter.flush()
+    return (result.metrics if result.status == "completed" else None), result.step
 
 
 def _stop_also_on(shutdown: threading.Event, reporter: JobReporter):

@@ -93,7 +93,8 @@ def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
     return tokenizer
 
 
-def _tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
+def corpus_tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
+    """The corpus's token ids, tokenized into `out` once (a restarted job reuses a complete file)."""
     try:
         read_token_info(out)
     except ValueError:  # not there, or left half-written by a killed worker
@@ -107,10 +108,10 @@ def _plan_pretrain(job: Job, settings: Settings, corpora: dict, work: Path) -> P
     tokenizer = _pretrain_tokenizer(spec, text_path, work)
     config = GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size})
     block = hp["block_size"] or config.context_length
-    tokens = _tokens(text_path, tokenizer, work / "train.bin")
+    tokens = corpus_tokens(text_path, tokenizer, work / "train.bin")
     if job.validation_corpus_id:
         val_path = corpus_path(settings, job.validation_corpus_id, corpora[job.validation_corpus_id])
-        train, val = tokens, _tokens(val_path, tokenizer, work / "val.bin")
+        train, val = tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
     else:
         train, val = split_tokens(tokens, spec["validation_fraction"], block)
     task = PretrainTask(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed, stride=hp["stride"])

@@ -18,7 +18,7 @@ from app.auth import ReadOrTrain
 from app.db import new_id
 from app.deps import CheckpointDep, PageDep, SessionDep, SettingsDep
 from app.errors import APIError
-from app.models import ACTIVE_JOB_STATUSES, Checkpoint, Deployment, Job
+from app.models import ACTIVE_JOB_STATUSES, Checkpoint, Deployment, Evaluation, Job
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import Deleted, Page
 from app.uploads import receive_upload
@@ -72,9 +72,10 @@ def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, settings: 
     if deployed:
         raise APIError(409, f"checkpoint {checkpoint.id} is deployed as {', '.join(deployed)}",
                        param="checkpoint_id")
+    evaluating = select(Evaluation.job_id).where(Evaluation.checkpoint_id == checkpoint.id)
     users = session.scalars(select(Job.id).where(
         Job.status.in_(ACTIVE_JOB_STATUSES),
-        or_(Job.base_checkpoint_id == checkpoint.id, Job.id == checkpoint.job_id))).all()
+        or_(Job.base_checkpoint_id == checkpoint.id, Job.id == checkpoint.job_id, Job.id.in_(evaluating)))).all()
     if users:
         raise APIError(409, f"checkpoint {checkpoint.id} is in use by queued or running job(s) {', '.join(users)}",
                        param="checkpoint_id")

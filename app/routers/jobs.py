@@ -7,20 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.auth import ReadOrTrain
-from app.db import utcnow
 from app.deps import DatabaseDep, JobDep, PageDep, SessionDep, SettingsDep
-from app.errors import APIError, not_found
-from app.job_plans import create_job
-from app.models import Job, JobEvent, Metric
-from app.queue import enqueue_job
+from app.errors import not_found
+from app.job_plans import cancel_job, create_job, queue_job
+from app.models import FINISHED_JOB_STATUSES, Job, JobEvent, Metric
 from app.schemas.common import Page
 from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatus, JobType, MetricSeries
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
-FINISHED = ("succeeded", "failed", "cancelled")
 STREAM_POLL_S = 0.5
 MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 
@@ -29,12 +26,7 @@ MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 def submit_job(request: Request, body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
     job = create_job(session, body)
     session.commit()
-    try:
-        enqueue_job(request.app.state.celery, settings, job.id)
-    except Exception as e:  # the broker did not take it: the job must not sit queued forever
-        job.status, job.error, job.finished_at = "failed", f"could not be queued: {e}", utcnow()
-        session.commit()
-        raise APIError(503, f"the job queue is unavailable ({type(e).__name__}); job {job.id} was not queued") from e
+    queue_job(request.app.state.celery, settings, session, job)
     return JobOut.of(job)
 
 
@@ -56,24 +48,9 @@ def get_job(job: JobDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
-    """A queued job never starts; a running one stops at its next step, keeps a checkpoint, ends cancelled."""
-    if job.status in FINISHED:
-        raise APIError(409, f"job {job.id} already ended {job.status}", param="job_id")
-    if job.status == "queued":
-        # conditional: a worker may be taking the job at this very moment
-        taken = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
-            status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
-        if taken:
-            session.add(JobEvent(job_id=job.id, type="status", message="job cancelled before it started",
-                                 data={"status": "cancelled"}))
-            session.commit()
-            session.refresh(job)
-            return JobOut.of(job)
-    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
-    session.add(JobEvent(job_id=job.id, type="cancel", message="cancellation requested"))
-    session.commit()
-    session.refresh(job)
+def cancel(job: JobDep, session: SessionDep) -> JobOut:
+    """A queued job never starts; a running one stops at its next step (a training job keeps a checkpoint)."""
+    cancel_job(session, job)
     return JobOut.of(job)
 
 
@@ -121,7 +98,7 @@ async def stream_job_events(request: Request, job_id: Annotated[str, Path(max_le
             for event in events:
                 after = event["id"]
                 yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            if not events and status in FINISHED:
+            if not events and status in FINISHED_JOB_STATUSES:
                 yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
                 return
             if not events:

@@ -3,7 +3,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-JobType = Literal["pretrain", "finetune_classifier", "finetune_instruct"]
+TrainingJobType = Literal["pretrain", "finetune_classifier", "finetune_instruct"]
+JobType = Literal["pretrain", "finetune_classifier", "finetune_instruct", "evaluate"]  # evaluate: POST /v1/evaluations
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 CORPUS_KIND_OF = {"pretrain": "text", "finetune_classifier": "classification", "finetune_instruct": "instruction"}
 
@@ -68,7 +69,7 @@ class Hyperparameters(Strict):
 
 
 class JobCreate(Strict):
-    type: JobType
+    type: TrainingJobType
     name: str | None = Field(None, max_length=200)
     corpus_id: str = Field(max_length=40)
     validation_corpus_id: str | None = Field(None, max_length=40)
@@ -128,17 +129,35 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    links: dict[str, str]
 
     @classmethod
     def of(cls, job) -> "JobOut":
         return cls(id=job.id, name=job.name, type=job.type, status=job.status, corpus_id=job.corpus_id,
                    validation_corpus_id=job.validation_corpus_id, base_checkpoint_id=job.base_checkpoint_id,
-                   seed=job.seed, spec=job.spec, error=job.error, cancel_requested=job.cancel_requested,
+                   seed=job.seed, spec=public_spec(job.spec), error=job.error, cancel_requested=job.cancel_requested,
                    attempts=job.attempts, created_at=job.created_at, started_at=job.started_at,
-                   finished_at=job.finished_at,
+                   finished_at=job.finished_at, links=_links(job),
                    progress=Progress(step=job.step, total_steps=job.total_steps, tokens_seen=job.tokens_seen,
                                      tokens_per_s=job.tokens_per_s, eta_s=job.eta_s, train_loss=job.train_loss,
                                      val_loss=job.val_loss))
+
+
+def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec without secrets: a judge's API key is used by the worker and never shown."""
+    judge = spec.get("judge")
+    if not judge or judge.get("api_key") is None:
+        return spec
+    return {**spec, "judge": {**judge, "api_key": "(set)"}}
+
+
+def _links(job) -> dict[str, str]:
+    if job.type == "evaluate":
+        return {"evaluation": f"/v1/evaluations?job_id={job.id}"}
+    # a training job's checkpoints scored on its validation corpus, when it has one
+    on_validation = f"&corpus_id={job.validation_corpus_id}" if job.validation_corpus_id else ""
+    return {"checkpoints": f"/v1/checkpoints?job_id={job.id}",
+            "evaluations": f"/v1/evaluations?training_job_id={job.id}{on_validation}"}
 
 
 class MetricPoint(BaseModel):
