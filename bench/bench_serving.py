@@ -96,10 +96,17 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def soak(url: str, seconds: float, clients: int, tokens: int) -> dict[int, int]:
+def soak(url: str, seconds: float, clients: int, tokens: int, server_pid: int) -> tuple[dict[int, int], list[float]]:
+    """Requests by status (-1: a client-side error) and the server's memory sampled every 5 s."""
     statuses: dict[int, int] = {}
+    memory: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
+
+    def sample_memory():
+        while time.monotonic() < deadline:
+            memory.append(rss_mb(server_pid))
+            time.sleep(5)
 
     def run(seed: int):
         rng = random.Random(seed)
@@ -119,11 +126,12 @@ def soak(url: str, seconds: float, clients: int, tokens: int) -> dict[int, int]:
                     statuses[status] = statuses.get(status, 0) + 1
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    threads.append(threading.Thread(target=sample_memory))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return statuses
+    return statuses, memory
 
 
 def main() -> None:
@@ -182,8 +190,7 @@ def main() -> None:
               f"stream (target >= 3x); errors {errors}")
         print(f"  time to first token {percentiles(ttft)}; inter-token latency {percentiles(itl)}")
         if args.soak_seconds > 0:
-            memory_before = rss_mb(server.pid)
-            statuses = soak(url, args.soak_seconds, args.soak_clients, args.tokens)
+            statuses, memory = soak(url, args.soak_seconds, args.soak_clients, args.tokens, server.pid)
             time.sleep(1)
             metrics = httpx.get(f"{url}/metrics").text
             running = [line for line in metrics.splitlines() if line.startswith("scratchllm_running_sequences{")]
@@ -191,8 +198,10 @@ def main() -> None:
             memory_after = rss_mb(server.pid)
             server_errors = sum(n for status, n in statuses.items() if status >= 500)
             print(f"soak, {args.soak_clients} clients for {args.soak_seconds:.0f} s: requests by status "
-                  f"{json.dumps(statuses)}, 5xx {server_errors}; after it {running} {waiting}; "
-                  f"server memory {memory_before:.0f} MB -> {memory_after:.0f} MB")
+                  f"{json.dumps(statuses)}, 5xx {server_errors}; after it {running} {waiting}")
+            half = len(memory) // 2
+            print(f"  server memory every 5 s (MB): {' '.join(f'{m:.0f}' for m in memory)}; {memory_after:.0f} after; "
+                  f"peak of the first half {max(memory[:half]):.0f}, of the second half {max(memory[half:]):.0f}")
     finally:
         server.terminate()
         server.wait()

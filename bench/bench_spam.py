@@ -19,10 +19,15 @@ GPT (2 layers, 4 heads, 64 dims, context 128; 3.3M parameters, 3.2M of them the 
 3. count correct predictions over all 300 test texts.
 
 Prints train / validation / test accuracy, the training times and the wall time. Target: test >= 95%.
+With --check-evaluation-job, the trained classifier is also scored on the test split by the service's
+evaluate job (an embedded service in a temporary folder: SQLite, the real job runner), and the script
+checks that the job predicts every one of the 300 texts as the lines above do.
 """
 
 import argparse
 import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from common import DATA_DIR, Clock, PrintProgress, setup, train
 from model import GPT, GPTConfig
 from model.classification_data import balance_classes, encode_classification, read_classification_file, split_dataset
 from model.classifier import GPTClassifier
+from model.evaluation import classification_report, classify
 from model.tasks import ClassificationTask, PretrainTask
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import TrainConfig
@@ -50,19 +56,6 @@ class KeepBest(PrintProgress):
             self.best_state = copy.deepcopy(self.model.state_dict())
 
 
-@torch.no_grad()
-def accuracy(model: GPTClassifier, ids: torch.Tensor, lengths: torch.Tensor, labels: list[int],
-             batch_size: int = 64) -> tuple[int, int]:
-    """(correct, total) over every row: the class of the largest logit at each text's last real token."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(ids), batch_size):
-        logits, _ = model(ids[i: i + batch_size], lengths[i: i + batch_size])
-        predicted = logits.argmax(dim=-1)
-        correct += int((predicted == torch.tensor(labels[i: i + batch_size])).sum())
-    return correct, len(ids)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DATA_DIR / "SMSSpamCollection.tsv"))
@@ -76,6 +69,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-every", type=int, default=0, help="steps; 0: once per epoch")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-evaluation-job", action="store_true",
+                        help="score the test split with the service's evaluate job too, and compare")
     args = parser.parse_args()
     setup(args.threads)
     clock = Clock()
@@ -135,14 +130,63 @@ def main() -> None:
 
     # -- 3. accuracy on every text of each split ----------------------------------------------------
     print()
+    # the functions an evaluate job runs, so a job on the test split reproduces these numbers
     for name, ids, lengths, split in (("train", train_ids, train_lengths, train_set),
                                       ("validation", val_ids, val_lengths, val_set),
                                       ("test", test_ids, test_lengths, test_set)):
-        correct, total = accuracy(model, ids, lengths, split.labels)
-        print(f"{name:>10} accuracy: {correct}/{total} = {correct / total:.2%}")
-    correct, total = accuracy(model, test_ids, test_lengths, test_set.labels)
-    print(f"test accuracy {correct / total:.2%}: target >= 95% "
-          f"{'met' if correct / total >= 0.95 else 'NOT MET'}; wall time {clock.seconds():.1f} s")
+        report = classification_report(split.labels, classify(model, ids, lengths, batch_size=64), ["ham", "spam"])
+        print(f"{name:>10} accuracy: {report['correct']}/{report['examples']} = {report['accuracy']:.2%}"
+              f"  macro F1 {report['macro_f1']:.4f}")
+    print(f"test accuracy {report['accuracy']:.2%}: target >= 95% "
+          f"{'met' if report['accuracy'] >= 0.95 else 'NOT MET'}; wall time {clock.seconds():.1f} s")
+    if args.check_evaluation_job:
+        predicted = classify(model, test_ids, test_lengths, batch_size=64).argmax(-1).tolist()
+        check_evaluation_job(model, test_set, max_length, [["ham", "spam"][k] for k in predicted], report)
+
+
+def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predicted: list[str], report: dict) -> None:
+    """Score the test split with an evaluate job of an embedded service and compare it example by example."""
+    from fastapi.testclient import TestClient
+
+    from app.db import Database
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.models import Checkpoint
+    from app.settings import Settings
+    from model import save_checkpoint
+    from worker.runner import run
+
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Settings(data_dir=Path(folder), database_url=f"sqlite:///{folder}/scratchllm.db")
+        upgrade(settings.database_url)
+        tsv = "".join(f"{['ham', 'spam'][label]}\t{text}\n" for text, label in
+                      zip(test_set.texts, test_set.labels, strict=True))
+        path = "checkpoints/bench-spam"
+        save_checkpoint(settings.data_dir / path, model, gpt2_tokenizer(), label_names=["ham", "spam"])
+        database = Database(settings.sqlalchemy_url)
+        with database.session() as session:  # registered as a finished training job registers its checkpoints
+            checkpoint = Checkpoint(step=0, path=path, size_bytes=0, task="classifier", label_names=["ham", "spam"],
+                                    model_config=model.config.to_dict(), tokenizer_type="gpt2", metrics={})
+            session.add(checkpoint)
+            session.flush()
+            checkpoint_id = checkpoint.id
+        database.dispose()
+        with TestClient(create_app(settings)) as client:
+            corpus = client.post("/v1/corpora", data={"kind": "classification"},
+                                 files={"file": ("test.tsv", tsv.encode())}).json()["id"]
+            evaluation = client.post("/v1/evaluations", json={"checkpoint_id": checkpoint_id, "corpus_id": corpus,
+                                                              "max_length": max_length, "batch_size": 64}).json()
+            run(settings, evaluation["job_id"], "bench")
+            evaluation = client.get(f"/v1/evaluations/{evaluation['id']}").json()
+            examples = client.get(f"/v1/evaluations/{evaluation['id']}/examples",
+                                  params={"order": "position", "limit": 1000}).json()["data"]
+    job_predicted = [e["data"]["predicted"] for e in examples]
+    same = sum(a == b for a, b in zip(job_predicted, predicted, strict=True))
+    metrics = evaluation["metrics"]
+    match = same == len(predicted) and metrics["accuracy"] == report["accuracy"]
+    print(f"evaluate job ({evaluation['status']}): test accuracy {metrics['correct']:.0f}/{metrics['examples']:.0f} = "
+          f"{metrics['accuracy']:.2%}, macro F1 {metrics['macro_f1']:.4f}; the same prediction as above for "
+          f"{same}/{len(predicted)} texts: {'MATCH' if match else 'MISMATCH'}")
 
 
 if __name__ == "__main__":

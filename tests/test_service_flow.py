@@ -162,6 +162,52 @@ def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, s
     assert checkpoint["task"] == "lm" and checkpoint["prompt_format"] == "alpaca"
 
 
+def test_evaluate_a_training_jobs_checkpoints_on_its_validation_corpus(service, shared_data):
+    service.start_worker()
+    text = (shared_data / "the-verdict.txt").read_text()
+    train = service.upload(None, "text", text[:18000].encode(), "train.txt")
+    validation = service.upload(None, "text", text[18000:].encode(), "validation.txt")
+    job = service.submit(**pretrain_request(train), validation_corpus_id=validation)
+    assert service.wait_until_done(job["id"])["status"] == "succeeded"
+    checkpoints = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    evaluations = []
+    for checkpoint in checkpoints:
+        response = service.client.post("/v1/evaluations", json={"checkpoint_id": checkpoint["id"],
+                                                                "corpus_id": validation, "block_size": 64})
+        assert response.status_code == 201, response.text
+        evaluations.append(response.json())
+    for evaluation in evaluations:
+        assert service.wait_until_done(evaluation["job_id"])["status"] == "succeeded"
+
+    link = service.job(job["id"])["links"]["evaluations"]
+    assert link == f"/v1/evaluations?training_job_id={job['id']}&corpus_id={validation}"
+    linked = service.client.get(link).json()["data"]
+    assert sorted(e["id"] for e in linked) == sorted(e["id"] for e in evaluations)
+    assert all(e["status"] == "succeeded" and e["metrics"]["bytes"] == len(text[18000:].encode()) for e in linked)
+    table = service.client.get("/v1/evaluations/compare", params={"corpus_id": validation}).json()
+    assert table["comparable"] and {row["checkpoint_step"] for row in table["rows"]} == {10, 20}
+    assert all(row["training_job_id"] == job["id"] for row in table["rows"])
+    by_step = {row["checkpoint_step"]: row["metrics"]["loss"] for row in table["rows"]}
+    assert table["best"]["loss"] == next(row["evaluation_id"] for row in table["rows"]
+                                         if row["metrics"]["loss"] == min(by_step.values()))
+
+    records = json.loads((shared_data / "instruction-data.json").read_text())[:12]
+    instructions = service.upload(None, "instruction", json.dumps(records[:8]).encode(), "train.json")
+    held_out = service.upload(None, "instruction", json.dumps(records[8:]).encode(), "held-out.json")
+    instruct = service.submit(type="finetune_instruct", corpus_id=instructions, base_checkpoint_id=checkpoints[0]["id"],
+                              lora={"rank": 4, "alpha": 8},
+                              hyperparameters={"max_steps": 2, "batch_size": 4, "checkpoint_interval": 0})
+    assert service.wait_until_done(instruct["id"])["status"] == "succeeded"
+    [tuned] = service.client.get("/v1/checkpoints", params={"job_id": instruct["id"]}).json()["data"]
+    response = service.client.post("/v1/evaluations", json={"checkpoint_id": tuned["id"], "corpus_id": held_out,
+                                                            "max_new_tokens": 4})
+    assert response.status_code == 201, response.text
+    assert service.wait_until_done(response.json()["job_id"])["status"] == "succeeded"
+    evaluation = service.client.get(f"/v1/evaluations/{response.json()['id']}").json()
+    assert evaluation["kind"] == "instruct" and evaluation["metrics"]["examples"] == 4
+    assert evaluation["progress"] == {"step": 8, "total_steps": 8}  # 4 records scored, 4 answered
+
+
 def test_cancel_a_running_job_keeps_a_final_checkpoint(service, shared_data):
     service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")

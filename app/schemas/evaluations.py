@@ -49,7 +49,7 @@ class EvaluationOut(BaseModel):
     corpus_id: str
     kind: EvaluationKind
     settings: dict[str, Any]
-    metrics: dict[str, float] | None
+    metrics: dict[str, int | float] | None
     details: dict[str, Any] | None
     created_at: datetime
     finished_at: datetime | None
@@ -85,7 +85,7 @@ class ComparisonRow(BaseModel):
     corpus_id: str
     kind: EvaluationKind
     settings: dict[str, Any]
-    metrics: dict[str, float] | None
+    metrics: dict[str, int | float] | None
 
 
 class Comparison(BaseModel):
