@@ -20,9 +20,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.db import Base, UTCDateTime, new_id, utcnow
 
 CORPUS_KINDS = ("text", "classification", "instruction")
-TRAINING_JOB_TYPES = ("pretrain", "finetune_classifier", "finetune_instruct")
-JOB_TYPES = (*TRAINING_JOB_TYPES, "evaluate")
-EVALUATION_KINDS = ("lm", "classifier", "instruct")
+JOB_TYPES = ("pretrain", "finetune_classifier", "finetune_instruct", "evaluate")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running")
 FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")

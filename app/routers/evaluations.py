@@ -70,11 +70,12 @@ def _compared(session, ids: str | None, corpus_id: str | None) -> list[Evaluatio
         raise APIError(422, "pass either ids (comma-separated evaluation ids) or corpus_id", param="ids")
     statement = select(Evaluation).options(selectinload(Evaluation.job))
     if corpus_id is not None:
-        rows = list(session.scalars(statement.join(Evaluation.job).where(
-            Evaluation.corpus_id == corpus_id, Job.status == "succeeded").order_by(Evaluation.id).limit(MAX_COMPARED)))
-        if not rows:
+        newest = list(session.scalars(statement.join(Evaluation.job).where(
+            Evaluation.corpus_id == corpus_id, Job.status == "succeeded").order_by(Evaluation.id.desc())
+            .limit(MAX_COMPARED)))
+        if not newest:
             raise APIError(404, f"no finished evaluation on corpus {corpus_id}", param="corpus_id")
-        return rows
+        return newest[::-1]
     wanted = list(dict.fromkeys(part.strip() for part in ids.split(",") if part.strip()))
     if not wanted or len(wanted) > MAX_COMPARED:
         raise APIError(422, f"ids must name between 1 and {MAX_COMPARED} evaluations", param="ids")
@@ -115,7 +116,8 @@ def _differences(rows: list[ComparisonRow]) -> list[str]:
 @router.get("/compare", response_model=Comparison)
 def compare_evaluations(session: SessionDep, ids: Annotated[str | None, Query(max_length=5000)] = None,
                         corpus_id: IdQuery = None) -> Comparison:
-    """One table of checkpoints x metrics: the evaluations named by ids, or every finished one on corpus_id."""
+    """One table of checkpoints x metrics: the evaluations named by ids, or the finished ones on corpus_id (the
+    newest 100, oldest first)."""
     evaluations = _compared(session, ids, corpus_id)
     checkpoints = {c.id: c for c in session.scalars(select(Checkpoint).where(
         Checkpoint.id.in_({e.checkpoint_id for e in evaluations if e.checkpoint_id})))}
