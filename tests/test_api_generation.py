@@ -229,6 +229,61 @@ def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
         thread.join(10)
 
 
+def test_a_request_past_its_timeout_ends_with_424_and_frees_its_slot(tmp_path, database_url):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    upgrade(database_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, generation_timeout_s=1e-6)
+    with TestClient(create_app(settings)) as api:
+        long_deployment(api)
+        engine = api.app.state.deployments.get("long").current.engine
+        answer = api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}})
+        assert answer.status_code == 424 and answer.json()["error_type"] == "generation"
+        assert "no token within" in answer.json()["error"]
+        stream = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}})
+        assert stream.status_code == 200  # admitted: the timeout comes as the stream's last event
+        [event] = [json.loads(line[5:]) for line in stream.text.splitlines() if line.startswith("data:")]
+        assert event["error_type"] == "generation" and "no token within" in event["error"]
+        deadline = time.monotonic() + 5
+        while engine.load != (0, 0):  # both sequences aborted, long before their 500 tokens
+            assert time.monotonic() < deadline, "a timed-out sequence kept running"
+            time.sleep(0.01)
+
+
+def stream_text(api, max_new_tokens: int, stop: list[str]) -> tuple[list[str], dict]:
+    """The text of every streamed token, and the last event."""
+    response = api.post("/generate_stream", json={"inputs": "Once upon a time", "parameters": {
+        "max_new_tokens": max_new_tokens, "stop": stop}})
+    assert response.status_code == 200, response.text
+    events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+    return [e["token"]["text"] for e in events], events[-1]
+
+
+def test_stop_strings_over_the_stream_never_leak_and_lose_nothing(served, lm):
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("Once upon a time")
+    ids = generate(lm, torch.tensor([prompt]), 24)[0, len(prompt):].tolist()
+    pieces = [tokenizer.decode([i]) for i in ids]
+    text = "".join(pieces)
+    # a stop string made of the end of one token and the start of the next: it completes one token late
+    k = next(k for k in range(4, 20) if pieces[k].strip() and pieces[k + 1].strip())
+    across = pieces[k][-1] + pieces[k + 1][0]
+    texts, last = stream_text(served, 24, [across])
+    assert "".join(texts) == last["generated_text"] == text[: text.find(across)]
+    assert last["details"]["finish_reason"] == "stop_sequence" and all(across not in t for t in texts)
+    # a prefix of the stop string shows up but the string never completes: the held-back text comes out
+    unfinished = text[10:12] + "\u2603\u2603"
+    texts, last = stream_text(served, 24, [unfinished])
+    assert "".join(texts) == last["generated_text"] == text and last["details"]["finish_reason"] == "length"
+    # the first token completes the stop string: nothing is sent but the end
+    texts, last = stream_text(served, 24, [pieces[0]])
+    assert "".join(texts) == last["generated_text"] == "" and last["details"]["finish_reason"] == "stop_sequence"
+
+
 def test_classify_single_and_batched_inputs(api):
     torch.manual_seed(0)
     classifier = GPTClassifier(CONFIG, 2).eval()
