@@ -153,14 +153,17 @@ class Engine:
                 ready.append(request)
         if not ready:
             return
-        tokens, logprobs = [], []
-        for request in ready:
-            seen = (torch.tensor([request.prompt + request.generated], device=request.logits.device)
+        logits = torch.cat([request.logits for request in ready])  # [B, V]
+        chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row without a repetition penalty
+        for row, request in enumerate(ready):
+            if request.params.greedy and not request.params.uses_history:
+                continue
+            seen = (torch.tensor([request.prompt + request.generated], device=logits.device)
                     if request.params.uses_history else None)
             generators = None if request.generator is None else [request.generator]
-            token = int(next_token(request.logits, request.params, seen, generators))
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(request.logits[0].float(), dim=-1)[token]))
+            chosen[row] = next_token(logits[row: row + 1], request.params, seen, generators)[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+        tokens = chosen.tolist()
         continuing = []
         for request, token, logprob in zip(ready, tokens, logprobs, strict=True):
             if self._emit(request, token, logprob):
