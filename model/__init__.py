@@ -22,6 +22,21 @@ from model.classification_data import (
 from model.classifier import GPTClassifier, freeze_for_finetune
 from model.config import ConfigError, GPTConfig
 from model.data import open_tokens, random_batch, split_tokens, tokenize_to_memmap
+from model.evaluation import (
+    JUDGE_PROMPT,
+    EvaluationStopped,
+    LMScore,
+    classification_report,
+    classify,
+    exact_match,
+    generate_responses,
+    judge_prompt,
+    parse_judge_score,
+    response_loss,
+    score_tokens,
+    token_byte_lengths,
+    token_f1,
+)
 from model.generate import Decoder, StreamEvent, generate, generate_batch, stream_generate
 from model.gpt import GPT
 from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
@@ -35,7 +50,10 @@ from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_
 from model.trainer import Callback, Progress, TrainConfig, Trainer, TrainResult
 
 __all__ = [
-    "GPT", "Callback", "CheckpointError", "ClassificationData", "ClassificationTask", "ConfigError",
+    "GPT", "JUDGE_PROMPT", "EvaluationStopped", "LMScore", "classification_report", "classify", "exact_match",
+    "generate_responses", "judge_prompt", "parse_judge_score", "response_loss", "score_tokens",
+    "token_byte_lengths", "token_f1",
+    "Callback", "CheckpointError", "ClassificationData", "ClassificationTask", "ConfigError",
     "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionTask", "KVCache", "LoRAConfig",
     "PretrainTask", "Progress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
     "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",

@@ -21,14 +21,14 @@ from model.gpt import GPT
 from model.instruction_data import format_prompt, format_response, instruction_collate
 from model.tokenizer import Tokenizer
 
-Progress = Callable[[int, int], bool] | None
+ProgressCallback = Callable[[int, int], bool] | None
 
 
 class EvaluationStopped(Exception):
     """The progress callback asked to stop."""
 
 
-def _report(progress: Progress, done: int, total: int) -> None:
+def _report(progress: ProgressCallback, done: int, total: int) -> None:
     if progress is not None and progress(done, total):
         raise EvaluationStopped(f"stopped after {done} of {total}")
 
@@ -97,7 +97,7 @@ def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
 
 @torch.no_grad()
 def score_tokens(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, block_size: int, stride: int,
-                 batch_size: int = 8, bos_id: int | None = None, progress: Progress = None) -> LMScore:
+                 batch_size: int = 8, bos_id: int | None = None, progress: ProgressCallback = None) -> LMScore:
     """Cross-entropy of every token of `tokens` given the ones before it, in sliding windows.
 
     With bos_id the first token is scored too, given bos_id (GPT-2's <|endoftext|>), so the score covers
@@ -133,7 +133,7 @@ def score_tokens(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, block
 
 @torch.no_grad()
 def classify(model: GPTClassifier, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int = 64,
-             progress: Progress = None) -> torch.Tensor:
+             progress: ProgressCallback = None) -> torch.Tensor:
     """Probabilities [N, n_classes] of right-padded texts ids [N, T] with lengths [N] real tokens."""
     model.eval()
     device = model.head.weight.device
@@ -182,7 +182,7 @@ def classification_report(labels: list[int], probabilities: torch.Tensor, label_
 
 @torch.no_grad()
 def response_loss(model: GPT, encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8,
-                  progress: Progress = None) -> tuple[float, int]:
+                  progress: ProgressCallback = None) -> tuple[float, int]:
     """(mean loss, tokens) over the response tokens of encoded (ids, prompt length) records."""
     model.eval()
     device = model.output_weight.device
@@ -201,7 +201,7 @@ def response_loss(model: GPT, encoded: list[tuple[list[int], int]], pad_id: int,
 
 
 def generate_responses(model: GPT, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int,
-                       batch_size: int = 8, progress: Progress = None) -> list[str]:
+                       batch_size: int = 8, progress: ProgressCallback = None) -> list[str]:
     """Greedy answers to each record's Alpaca prompt, up to <|endoftext|> or the next '###' section."""
     model.eval()
     prompts = []
