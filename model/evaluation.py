@@ -24,6 +24,9 @@ from model.tokenizer import Tokenizer
 ProgressCallback = Callable[[int, int], bool] | None
 
 
+LOGIT_ROWS = 512  # logits are made this many positions at a time: [512, 50257] fp32 is 100 MB
+
+
 class EvaluationStopped(Exception):
     """The progress callback asked to stop."""
 
@@ -31,6 +34,15 @@ class EvaluationStopped(Exception):
 def _report(progress: ProgressCallback, done: int, total: int) -> None:
     if progress is not None and progress(done, total):
         raise EvaluationStopped(f"stopped after {done} of {total}")
+
+
+def _summed_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """Cross-entropy of hidden states [N, C] against targets [N], summed; memory bounded by LOGIT_ROWS."""
+    total = 0.0
+    for rows, wanted in zip(hidden.split(LOGIT_ROWS), targets.split(LOGIT_ROWS), strict=True):
+        logits = F.linear(rows, model.output_weight).float()  # [LOGIT_ROWS, V]
+        total += F.cross_entropy(logits, wanted, reduction="sum").item()
+    return total
 
 
 # -- language models ---------------------------------------------------------------------------------
@@ -121,9 +133,7 @@ def score_tokens(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, block
         y = torch.from_numpy(rows[:, 1:]).to(device)
         scored = torch.arange(length, device=device)[None, :] >= torch.tensor([s for _, s in batch],
                                                                               device=device)[:, None]
-        hidden = model.hidden_states(x)[scored]  # [n_scored, C]: logits only where they count
-        logits = F.linear(hidden, model.output_weight).float()
-        loss_sum += F.cross_entropy(logits, y[scored], reduction="sum").item()
+        loss_sum += _summed_loss(model, model.hidden_states(x)[scored], y[scored])  # logits only where they count
         _report(progress, min(i + batch_size, len(windows)), len(windows))
     scored_tokens = tokens[1:]
     return LMScore(loss_sum, len(scored_tokens), int(byte_lengths[scored_tokens].sum()), model.config.vocab_size)
@@ -190,10 +200,10 @@ def response_loss(model: GPT, encoded: list[tuple[list[int], int]], pad_id: int,
     for i in range(0, len(encoded), batch_size):
         x, y = instruction_collate(encoded[i: i + batch_size], pad_id=pad_id,
                                    max_length=model.config.context_length, mask_prompt=True)
-        logits = model(x.to(device))[0].float()
         y = y.to(device)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((y != -100).sum())
+        response = y != -100
+        total += _summed_loss(model, model.hidden_states(x.to(device))[response], y[response])
+        count += int(response.sum())
         _report(progress, min(i + batch_size, len(encoded)), len(encoded))
     if count == 0:
         raise ValueError("no response token fits in the context: nothing to score")

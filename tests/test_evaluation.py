@@ -173,3 +173,16 @@ def test_generated_responses_are_greedy_and_cut_at_the_next_section(model, token
     first = generate_responses(model, tokenizer, records, max_new_tokens=12, batch_size=2)
     assert first == generate_responses(model, tokenizer, records, max_new_tokens=12, batch_size=1)
     assert len(first) == 2 and all(isinstance(r, str) and "###" not in r for r in first)
+
+
+def test_logits_in_chunks_give_the_same_loss(model, tokenizer, byte_lengths, monkeypatch):
+    import model.evaluation as evaluation
+
+    tokens = np.array(tokenizer.encode(TEXT))
+    whole = score_tokens(model, tokens, byte_lengths, 32, 16, bos_id=tokenizer.eot_id)
+    encoded = [encode_instruction({"instruction": "Name a colour.", "input": "", "output": "Blue."}, tokenizer)]
+    whole_response = response_loss(model, encoded, tokenizer.eot_id)
+    monkeypatch.setattr(evaluation, "LOGIT_ROWS", 7)
+    chunked = score_tokens(model, tokens, byte_lengths, 32, 16, bos_id=tokenizer.eot_id)
+    assert math.isclose(chunked.loss_sum, whole.loss_sum, rel_tol=1e-6)
+    assert math.isclose(response_loss(model, encoded, tokenizer.eot_id)[0], whole_response[0], rel_tol=1e-6)

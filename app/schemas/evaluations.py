@@ -20,7 +20,7 @@ class JudgeSpec(Strict):
 class EvaluationCreate(Strict):
     checkpoint_id: str = Field(max_length=40)
     corpus_id: str = Field(max_length=40)
-    batch_size: int = Field(8, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1, le=128)
     # language models on text
     block_size: int | None = Field(None, ge=1, description="tokens per scoring window; default min(128, context)")
     stride: int | None = Field(None, ge=1, description="window step; default block_size / 2")
