@@ -6,6 +6,7 @@ request's prompt is prefilled in chunks between decode steps, so a long prompt d
 sequences already running for long. Events are handed to each request's callback on the engine thread.
 """
 
+import heapq
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -54,7 +55,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(model, max_batch)
-        self.free_slots = list(range(max_batch))
+        self.free_slots = list(range(max_batch))  # a heap
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.wakeup = threading.Condition()
@@ -123,14 +124,14 @@ class Engine:
             request = self.waiting.popleft()
             if request.aborted:
                 continue
-            request.slot = self.free_slots.pop()
+            request.slot = heapq.heappop(self.free_slots)  # the lowest: rows stay in slots 0..B-1
             request.text = TextStream(self.tokenizer, request.stop)
             request.generator = (make_generators(request.seed, 1, self.decoder.cache.k.device) or [None])[0]
             self.decoder.cache.lengths[request.slot] = 0
             self.running.append(request)
 
     def _release(self, request: Request) -> None:
-        self.free_slots.append(request.slot)
+        heapq.heappush(self.free_slots, request.slot)
 
     def _prefill_step(self) -> None:
         """Advance the prompt of one request that is still being prefilled, by one chunk."""
@@ -170,8 +171,11 @@ class Engine:
                 continuing.append((request, token))
         if not continuing:
             return
+        # rows in slot order; when they fill slots 0..B-1 the cache is read in place
+        continuing.sort(key=lambda pair: pair[0].slot)
         idx = torch.tensor([[t] for _, t in continuing], device=self.decoder.cache.k.device)
-        slots = torch.tensor([r.slot for r, _ in continuing], device=idx.device)
+        in_order = [r.slot for r, _ in continuing] == list(range(len(continuing)))
+        slots = None if in_order else torch.tensor([r.slot for r, _ in continuing], device=idx.device)
         logits = self.decoder.logits(idx, slots)
         for row, (request, _) in enumerate(continuing):
             request.logits = logits[row: row + 1]

@@ -95,7 +95,7 @@ class GPT(nn.Module):
             x = self.wte(idx) + self.wpe.weight[:T]
             write = None
         else:
-            write = cache.plan(T, slots)
+            write = cache.plan(B, T, slots)
             if write.key_length > self.config.context_length:
                 raise ValueError(f"sequence of {write.key_length} tokens exceeds the context length "
                                  f"{self.config.context_length}")

@@ -45,12 +45,12 @@ class KVCache:
         else:
             self.lengths[slots] = 0
 
-    def plan(self, n_new: int, slots: Tensor | None = None) -> CacheWrite:
-        """Plan writing n_new tokens per row after each row's current length.
+    def plan(self, n_rows: int, n_new: int, slots: Tensor | None = None) -> CacheWrite:
+        """Plan writing n_new tokens for each of n_rows rows after the row's current length.
 
-        Rows are slots 0..B-1 when slots is None, else the given slot indices.
+        Rows are slots 0..n_rows-1 when slots is None, else the given slot indices.
         """
-        starts = self.lengths if slots is None else self.lengths[slots]
+        starts = self.lengths[:n_rows] if slots is None else self.lengths[slots]
         first, last = int(starts.min()), int(starts.max())
         if last + n_new > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {last + n_new} requested")
@@ -85,4 +85,6 @@ class KVCache:
         # advanced indices around a slice put their dims first: [B, T, H, D]
         k_layer[row_index, :, write.positions] = k.transpose(1, 2)
         v_layer[row_index, :, write.positions] = v.transpose(1, 2)
+        if write.slots is None:  # rows 0..B-1: the keys are read in place, not gathered into a copy
+            return k_layer[:batch, :, : write.key_length], v_layer[:batch, :, : write.key_length]
         return k_layer[rows, :, : write.key_length], v_layer[rows, :, : write.key_length]

@@ -56,6 +56,21 @@ def test_cache_slots_of_different_lengths_decode_together(model):
     assert decoder.cache.lengths.tolist() == [12, 0, 6]
 
 
+def test_the_first_rows_of_a_larger_cache_decode_in_place(model):
+    """slots=None means rows 0..B-1, even when the cache has more slots: keys are read without a gather."""
+    a, b = torch.randint(0, CONFIG.vocab_size, (1, 4)), torch.randint(0, CONFIG.vocab_size, (1, 9))
+    decoder = Decoder(model, 5)
+    with torch.inference_mode():
+        decoder.logits(a, torch.tensor([0]))
+        decoder.logits(b, torch.tensor([1]))
+        decoder.logits(torch.randint(0, CONFIG.vocab_size, (1, 3)), torch.tensor([4]))  # a slot left alone
+        nxt = torch.randint(0, CONFIG.vocab_size, (2, 1))
+        both = decoder.logits(nxt)
+    assert torch.allclose(both[0], model(torch.cat([a, nxt[:1]], 1))[0][0, -1], atol=1e-4)
+    assert torch.allclose(both[1], model(torch.cat([b, nxt[1:]], 1))[0][0, -1], atol=1e-4)
+    assert decoder.cache.lengths.tolist() == [5, 10, 0, 0, 3]
+
+
 def test_greedy_with_and_without_cache_agree(model):
     idx = torch.randint(0, CONFIG.vocab_size, (2, 6))
     out = generate(model, idx, 15)
