@@ -3,6 +3,7 @@
 from sqlalchemy.orm import Session
 
 from app.errors import APIError
+from app.job_plans import found_or_422
 from app.models import Checkpoint, Corpus, Evaluation, Job, JobEvent
 from app.schemas.evaluations import EvaluationCreate
 from model.evaluation import JUDGE_PROMPT
@@ -12,13 +13,6 @@ DEFAULT_BLOCK_SIZE = 128  # one window size for every checkpoint (each within it
 KINDS_OF_FIELD = {"block_size": ("lm",), "stride": ("lm",), "max_tokens": ("lm",), "max_length": ("classifier",),
                   "max_examples": ("classifier", "instruct"), "worst_examples": ("classifier", "instruct"),
                   "max_new_tokens": ("instruct",), "judge": ("instruct",)}
-
-
-def _found(session: Session, model, key: str, what: str, param: str):
-    row = session.get(model, key)
-    if row is None:
-        raise APIError(422, f"no {what} with id {key!r}", param=param)
-    return row
 
 
 def evaluation_kind(checkpoint: Checkpoint, corpus: Corpus) -> str:
@@ -71,8 +65,8 @@ def _settings(request: EvaluationCreate, kind: str, context_length: int) -> dict
 
 def create_evaluation(session: Session, request: EvaluationCreate) -> Evaluation:
     """A queued evaluate Job and its Evaluation row for a request that holds up; APIError names what does not."""
-    checkpoint = _found(session, Checkpoint, request.checkpoint_id, "checkpoint", "checkpoint_id")
-    corpus = _found(session, Corpus, request.corpus_id, "corpus", "corpus_id")
+    checkpoint = found_or_422(session, Checkpoint, request.checkpoint_id, "checkpoint", "checkpoint_id")
+    corpus = found_or_422(session, Corpus, request.corpus_id, "corpus", "corpus_id")
     kind = evaluation_kind(checkpoint, corpus)
     for field in sorted(request.model_fields_set & KINDS_OF_FIELD.keys()):
         if kind not in KINDS_OF_FIELD[field]:

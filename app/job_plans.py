@@ -14,10 +14,16 @@ from model import ConfigError, GPTConfig
 from model.config import GPT2_VOCAB_SIZE
 
 
+def found_or_422(session: Session, model, key: str, what: str, param: str):
+    """The row a request names, or a 422 that names the missing id (it is the request that is wrong)."""
+    row = session.get(model, key)
+    if row is None:
+        raise APIError(422, f"no {what} with id {key!r}", param=param)
+    return row
+
+
 def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
-    corpus = session.get(Corpus, corpus_id)
-    if corpus is None:
-        raise APIError(422, f"no corpus with id {corpus_id!r}", param=param)
+    corpus = found_or_422(session, Corpus, corpus_id, "corpus", param)
     if corpus.kind != kind:
         article = "an" if kind[0] in "aeiou" else "a"
         raise APIError(422, f"corpus {corpus_id} is a {corpus.kind} corpus; this job needs {article} {kind} corpus",
@@ -40,9 +46,7 @@ def _model_config(request: JobCreate) -> dict:
 
 
 def _base_checkpoint(session: Session, request: JobCreate) -> Checkpoint:
-    checkpoint = session.get(Checkpoint, request.base_checkpoint_id)
-    if checkpoint is None:
-        raise APIError(422, f"no checkpoint with id {request.base_checkpoint_id!r}", param="base_checkpoint_id")
+    checkpoint = found_or_422(session, Checkpoint, request.base_checkpoint_id, "checkpoint", "base_checkpoint_id")
     if checkpoint.task != "lm":
         raise APIError(422, f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
                             f"from a language model (task lm)", param="base_checkpoint_id")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import register_checkpoint
 
 from model import GPT, GPTConfig, SamplingParams, gpt2_tokenizer, save_checkpoint
 from model.engine import Engine, Request
@@ -166,17 +167,7 @@ def main() -> None:
                     break
                 except httpx.HTTPError:
                     time.sleep(0.3)
-            from app.db import Database
-            from app.models import Checkpoint
-
-            database = Database(f"sqlite:///{data / 'scratchllm.db'}")
-            with database.session() as session:
-                checkpoint = Checkpoint(step=0, path="checkpoints/bench", size_bytes=0, task="lm",
-                                        model_config=model.config.to_dict(), tokenizer_type="gpt2", metrics={})
-                session.add(checkpoint)
-                session.flush()
-                checkpoint_id = checkpoint.id
-            database.dispose()
+            checkpoint_id = register_checkpoint(f"sqlite:///{data / 'scratchllm.db'}", "checkpoints/bench", model)
             client.post("/v1/deployments", json={"name": "small", "checkpoint_id": checkpoint_id})
             while client.get("/health").status_code != 200:
                 time.sleep(0.3)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA_DIR, Clock, PrintProgress, setup, train
+from common import DATA_DIR, Clock, PrintProgress, register_checkpoint, setup, train
 
 from model import GPT, GPTConfig
 from model.classification_data import balance_classes, encode_classification, read_classification_file, split_dataset
@@ -148,10 +148,8 @@ def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predic
     """Score the test split with an evaluate job of an embedded service and compare it example by example."""
     from fastapi.testclient import TestClient
 
-    from app.db import Database
     from app.main import create_app
     from app.migrate import upgrade
-    from app.models import Checkpoint
     from app.settings import Settings
     from model import save_checkpoint
     from worker.runner import run
@@ -163,14 +161,7 @@ def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predic
                       zip(test_set.texts, test_set.labels, strict=True))
         path = "checkpoints/bench-spam"
         save_checkpoint(settings.data_dir / path, model, gpt2_tokenizer(), label_names=["ham", "spam"])
-        database = Database(settings.sqlalchemy_url)
-        with database.session() as session:  # registered as a finished training job registers its checkpoints
-            checkpoint = Checkpoint(step=0, path=path, size_bytes=0, task="classifier", label_names=["ham", "spam"],
-                                    model_config=model.config.to_dict(), tokenizer_type="gpt2", metrics={})
-            session.add(checkpoint)
-            session.flush()
-            checkpoint_id = checkpoint.id
-        database.dispose()
+        checkpoint_id = register_checkpoint(settings.sqlalchemy_url, path, model, label_names=["ham", "spam"])
         with TestClient(create_app(settings)) as client:
             corpus = client.post("/v1/corpora", data={"kind": "classification"},
                                  files={"file": ("test.tsv", tsv.encode())}).json()["id"]

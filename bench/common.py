@@ -50,6 +50,23 @@ class PrintProgress(Callback):
             print(f"{self.clock} step {step:5d}  {shown}", flush=True)
 
 
+def register_checkpoint(database_url: str, path: str, model, label_names: list[str] | None = None) -> str:
+    """Record a checkpoint saved under the service's data dir, as a finished training job records its own."""
+    from app.db import Database
+    from app.models import Checkpoint
+
+    database = Database(database_url)
+    with database.session() as session:
+        checkpoint = Checkpoint(step=0, path=path, size_bytes=0, task="classifier" if label_names else "lm",
+                                label_names=label_names, model_config=model.config.to_dict(), tokenizer_type="gpt2",
+                                metrics={})
+        session.add(checkpoint)
+        session.flush()
+        checkpoint_id = checkpoint.id
+    database.dispose()
+    return checkpoint_id
+
+
 def train(model, task, config, tokenizer, callback: Callback, seed: int, **trainer_args):
     """Run a Trainer with its checkpoints in a temporary directory that is deleted afterwards:
     the benchmarks keep their figures, not their weights."""

@@ -45,6 +45,11 @@ def _summed_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> flo
     return total
 
 
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss), or inf where that overflows a float."""
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
 # -- language models ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class LMScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_loss) if self.mean_loss < 700 else math.inf
+        return perplexity(self.mean_loss)
 
     @property
     def bits_per_byte(self) -> float:
@@ -174,12 +179,13 @@ def classification_report(labels: list[int], probabilities: torch.Tensor, label_
         hits = int(confusion[k, k])
         precision = _ratio(hits, int(confusion[:, k].sum()))
         recall = _ratio(hits, int(confusion[k].sum()))
-        f1 = _ratio(2 * precision * recall, precision + recall) if precision + recall else 0.0
+        f1 = _ratio(2 * precision * recall, precision + recall)
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(confusion[k].sum())}
     true_probability = probabilities[torch.arange(len(labels)), true].clamp_min(1e-12)
+    correct = int(confusion.diagonal().sum())
     return {
-        "accuracy": int(confusion.diagonal().sum()) / len(labels),
-        "correct": int(confusion.diagonal().sum()),
+        "accuracy": correct / len(labels),
+        "correct": correct,
         "examples": len(labels),
         "loss": float(-true_probability.log().mean()),
         "macro_f1": sum(c["f1"] for c in per_class.values()) / n_classes,

@@ -30,6 +30,7 @@ from model.evaluation import (
     classify,
     exact_match,
     generate_responses,
+    perplexity,
     response_loss,
     score_tokens,
     scoring_windows,
@@ -104,17 +105,20 @@ def _read_target(database: Database, settings: Settings, job_id: str) -> Target:
 
 def _lm(model, tokenizer, target: Target, steps_for, work: Path) -> Outcome:
     s = target.settings
-    tokens = corpus_tokens(target.corpus_path, tokenizer, work / "corpus.bin")
-    if s["max_tokens"] is not None:
-        tokens = tokens[: s["max_tokens"]]
-    if len(tokens) < 1:
-        raise ValueError("the corpus has no tokens to score")
-    windows = len(scoring_windows(len(tokens) + 1, s["block_size"], s["stride"]))
-    steps = steps_for([windows])
-    score = score_tokens(model, tokens, token_byte_lengths(tokenizer), s["block_size"], s["stride"],
-                         s["batch_size"], bos_id=tokenizer.eot_id, progress=steps.phase(0))
-    metrics = {name: value for name, value in score.metrics().items() if math.isfinite(value)}
-    return Outcome(metrics, {"windows": windows, "tokenizer": tokenizer.name}, [])
+    work.mkdir(parents=True, exist_ok=True)
+    try:  # the token file is only for this run
+        tokens = corpus_tokens(target.corpus_path, tokenizer, work / "corpus.bin")
+        if s["max_tokens"] is not None:
+            tokens = tokens[: s["max_tokens"]]
+        if len(tokens) < 1:
+            raise ValueError("the corpus has no tokens to score")
+        windows = len(scoring_windows(len(tokens) + 1, s["block_size"], s["stride"]))
+        steps = steps_for([windows])
+        score = score_tokens(model, tokens, token_byte_lengths(tokenizer), s["block_size"], s["stride"],
+                             s["batch_size"], bos_id=tokenizer.eot_id, progress=steps.phase(0))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Outcome(score.metrics(), {"windows": windows, "tokenizer": tokenizer.name}, [])
 
 
 def _worst(examples: list[dict], n: int) -> list[dict]:
@@ -186,9 +190,7 @@ def _instruct(model, tokenizer, target: Target, steps_for) -> Outcome:
         examples.append({"position": position, "score": f1, "data": data})
     metrics = {"response_loss": loss, "response_tokens": n_tokens, "examples": len(records),
                "exact_match": sum(e["data"]["exact_match"] for e in examples) / len(examples),
-               "token_f1": sum(e["score"] for e in examples) / len(examples)}
-    if loss < 700:
-        metrics["response_perplexity"] = math.exp(loss)
+               "token_f1": sum(e["score"] for e in examples) / len(examples), "response_perplexity": perplexity(loss)}
     scores = [score for score, _ in judged if score is not None]
     if scores:
         metrics["judge_score"] = sum(scores) / len(scores)
@@ -197,6 +199,8 @@ def _instruct(model, tokenizer, target: Target, steps_for) -> Outcome:
 
 
 def _store(database: Database, evaluation_id: str, outcome: Outcome) -> None:
+    # JSON has no infinity (a diverged model's perplexity): such a number is left out rather than stored
+    outcome.metrics = {name: value for name, value in outcome.metrics.items() if math.isfinite(value)}
     with database.session() as session:
         # a re-run after a crash replaces whatever an earlier attempt left
         session.execute(delete(EvaluationExample).where(EvaluationExample.evaluation_id == evaluation_id))
@@ -218,19 +222,15 @@ def evaluate(database: Database, settings: Settings, job_id: str, reporter: JobR
     def steps_for(totals: list[int]) -> Steps:
         return Steps(database, job_id, reporter, totals)
 
-    work = job_dir(settings, job_id)
-    work.mkdir(parents=True, exist_ok=True)
     try:
         if target.kind == "lm":
-            outcome = _lm(model, tokenizer, target, steps_for, work)
+            outcome = _lm(model, tokenizer, target, steps_for, job_dir(settings, job_id))
         elif target.kind == "classifier":
             outcome = _classifier(model, tokenizer, meta, target, steps_for)
         else:
             outcome = _instruct(model, tokenizer, target, steps_for)
     except EvaluationStopped:
         return None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     _store(database, target.evaluation_id, outcome)
     reporter.flush()
     return outcome.metrics

@@ -4,7 +4,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TrainingJobType = Literal["pretrain", "finetune_classifier", "finetune_instruct"]
-JobType = Literal["pretrain", "finetune_classifier", "finetune_instruct", "evaluate"]  # evaluate: POST /v1/evaluations
+JobType = TrainingJobType | Literal["evaluate"]  # evaluate jobs are created by POST /v1/evaluations
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 CORPUS_KIND_OF = {"pretrain": "text", "finetune_classifier": "classification", "finetune_instruct": "instruction"}
 
