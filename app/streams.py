@@ -4,6 +4,7 @@ The engine runs on its own thread and calls back there; the callback only hands 
 """
 
 import asyncio
+import contextlib
 import time
 
 from app.metrics import Metrics
@@ -28,9 +29,13 @@ class EngineStream:
         self.first = True
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.request = EngineRequest(prompt, max_new_tokens, params,
-                                     lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
-                                     eos_id=eos_id, stop=stop, seed=seed)
+
+        def deliver(event) -> None:  # on the engine thread
+            # a closed loop (its server stopped) has nobody left to tell; the engine must go on with the others
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        self.request = EngineRequest(prompt, max_new_tokens, params, deliver, eos_id=eos_id, stop=stop, seed=seed)
         try:
             engine.submit(self.request)
         except QueueFull as e:
