@@ -95,8 +95,6 @@ class DeploymentManager:
         try:
             model, tokenizer, meta = load_checkpoint(self.data_dir / path)
             merge_lora(model)
-            gpt = model.gpt if meta["task"] == "classifier" else model
-            gpt.use_decode_layout()
             engine = None
             if meta["task"] == "lm":
                 engine = Engine(model, tokenizer, self.max_batch, self.max_queue).start()

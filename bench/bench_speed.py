@@ -115,7 +115,7 @@ def main() -> None:
         print(f"train  (batch {args.batch_size} x {config.context_length}) {name:13s}: {rate:7.1f} tokens/s, "
               f"{rate / train['reference']:.2f}x the reference, {rate / train_ceiling:.0%} of the ceiling")
 
-    ours.eval().use_decode_layout()  # what the serving engine does with a loaded checkpoint
+    ours.eval()
     ref.eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from model.config import GPTConfig
 from model.kv_cache import CacheWrite, KVCache
+from model.linear import Linear
 
 
 class CausalSelfAttention(nn.Module):
@@ -12,8 +13,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled at init
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)

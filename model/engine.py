@@ -163,7 +163,8 @@ class Engine:
                     if request.params.uses_history else None)
             generators = None if request.generator is None else [request.generator]
             chosen[row] = next_token(logits[row: row + 1], request.params, seen, generators)[0]
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+        scores = logits.float()
+        logprobs = (scores.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).tolist()
         tokens = chosen.tolist()
         continuing = []
         for request, token, logprob in zip(ready, tokens, logprobs, strict=True):

@@ -4,9 +4,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.gpt import GPT
+from model.linear import row_block_matmul, uses_row_blocks
 from model.sampling import SamplingParams, next_token
 from model.streaming import TextStream
 
@@ -23,33 +25,20 @@ def make_generators(seed: int | None, n: int, device) -> list[torch.Generator] |
 class Decoder:
     """Prefill and one-token steps of a GPT over a KV cache.
 
-    On CPU, call model.use_decode_layout() once before serving: it makes every step ~1.5x faster.
-    Reading the LM head dominates a one-token step. One matrix-vector product runs on one core, so
-    for one sequence the head is kept as a batch of column blocks [n, C, V/n], one per thread,
-    multiplied with bmm, which spreads the blocks over the threads: about 1.5x faster on two cores. For
-    several sequences it is one matrix product with the vocabulary as its long side, [V, C] @ [C, B],
-    the shape BLAS runs fastest when B is small (about 10% less CPU per token at 8 sequences here).
+    A step's products are a few rows by each weight matrix; `model.linear` spreads them over the CPU
+    threads, the LM head included (its weight is read in place, never copied).
     """
 
     def __init__(self, model: GPT, n_slots: int, max_length: int | None = None):
         self.model = model
         self.cache = model.new_cache(n_slots, max_length)
-        weight = model.output_weight.detach()  # [V, C]
-        self.head_rows = weight if weight.is_contiguous() else weight.contiguous()
-        head = weight.t()  # [C, V]
-        self.vocab_size = head.shape[1]
-        n_blocks = max(1, torch.get_num_threads())
-        width = -(-self.vocab_size // n_blocks)
-        padded = head.new_zeros(head.shape[0], n_blocks * width)
-        padded[:, : self.vocab_size] = head
-        self.head_blocks = padded.view(-1, n_blocks, width).transpose(0, 1).contiguous()  # [n, C, V/n]
 
     def head(self, hidden: Tensor) -> Tensor:
-        """Logits [B, V] of hidden states [B, C]."""
-        if hidden.shape[0] > 1:
-            return torch.mm(self.head_rows, hidden.t()).t()
-        blocks = torch.bmm(hidden.unsqueeze(0).expand(self.head_blocks.shape[0], -1, -1), self.head_blocks)
-        return blocks.transpose(0, 1).reshape(hidden.shape[0], -1)[:, : self.vocab_size]
+        """Logits [B, V] of hidden states [B, C]; on CPU a transposed view of [V, B], as computed."""
+        weight = self.model.output_weight
+        if uses_row_blocks(hidden, weight):
+            return row_block_matmul(weight, hidden.t()).t()  # transposing 50k x B floats costs ~0.5 ms
+        return F.linear(hidden, weight)
 
     def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
         """Logits [B, V] of the last position after appending idx [B, T] to the rows' caches."""

@@ -3,21 +3,21 @@ tied to the token embedding (or, with tie_embeddings=False, a separate output la
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import CausalSelfAttention
 from model.config import GPTConfig
 from model.kv_cache import KVCache
+from model.linear import Linear
 from model.loss import cross_entropy
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -47,8 +47,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size,
-                                                                    bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.n_embd, config.vocab_size,
+                                                                 bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -61,20 +61,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @torch.no_grad()
-    def use_decode_layout(self) -> None:
-        """Store the weight matrix of every linear layer transposed in memory; values, shapes and results
-        stay the same.
-
-        Decoding multiplies one token's vector by each matrix, and on CPU that reads a matrix stored as
-        [in, out] about 1.6-2x faster than nn.Linear's [out, in]. Decode time is mostly that reading.
-        Embeddings keep their rows: a lookup reads rows, and the Decoder reads the tied LM head by rows
-        when it scores several sequences at once.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
 
     @property
     def output_weight(self) -> Tensor:

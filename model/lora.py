@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from model.linear import Linear
+
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
@@ -39,8 +41,8 @@ class LoRAConfig:
         return {**asdict(self), "targets": list(self.targets)}
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear with an adapter; its weight and bias keep their names, so base weights load as usual."""
+class LoRALinear(Linear):
+    """A Linear with an adapter; its weight and bias keep their names, so base weights load as usual."""
 
     def __init__(self, base: nn.Linear, config: LoRAConfig):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
@@ -55,8 +57,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x) + (self.lora_dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
-    def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+    def merged(self) -> Linear:
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight + (self.lora_b @ self.lora_a) * self.scale)
@@ -91,7 +93,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, trainable: tuple[nn.Module,
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight and put back plain nn.Linear layers (for serving)."""
+    """Fold every adapter into its weight and put back plain Linear layers (for serving)."""
     for parent, name, adapter in _children(model, LoRALinear):
         setattr(parent, name, adapter.merged())
     return model

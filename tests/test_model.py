@@ -2,9 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import model.linear as linear_module
 from model import GPT, ConfigError, GPTConfig
 from model.classifier import GPTClassifier, freeze_for_finetune
+from model.linear import FEW_ROWS, Linear, linear
 from model.lora import LoRAConfig, apply_lora, has_lora, merge_lora
 from model.loss import cross_entropy
 
@@ -96,14 +99,34 @@ def test_too_long_input_is_an_error():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_decode_layout_keeps_values_and_results():
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 48), (5, 1, 48), (3, 7, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_row_blocks_equals_f_linear(threads, shape, bias):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY)).eval()
-    idx = torch.randint(0, 300, (2, 12))
-    before = model(idx)[0]
-    model.use_decode_layout()
-    assert not model.blocks[0].mlp.c_fc.weight.is_contiguous()
-    assert torch.allclose(model(idx)[0], before, atol=1e-5)
+    layer = Linear(48, 100, bias=bias)  # 100 rows: 3 threads leave one row over
+    x = torch.randn(shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            blocked = linear(x, layer.weight, layer.bias)
+    finally:
+        torch.set_num_threads(previous)
+    assert blocked.shape == (*shape[:-1], 100) and blocked.is_contiguous()
+    assert torch.allclose(blocked, F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_linear_uses_row_blocks_only_for_few_rows_in_inference(monkeypatch):
+    calls = []
+    real = linear_module.row_block_matmul
+    monkeypatch.setattr(linear_module, "row_block_matmul", lambda w, c, b: calls.append(c.shape) or real(w, c, b))
+    layer = Linear(16, 32)
+    layer(torch.randn(2, 16))  # grad enabled: training keeps F.linear and its backward
+    with torch.inference_mode():
+        layer(torch.randn(2, 3, 16))
+        layer(torch.randn(FEW_ROWS + 1, 16))
+    assert calls == [(16, 6)]
 
 
 def test_classifier_reads_the_last_real_token_not_the_padding():
