@@ -3,7 +3,7 @@
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from app.db import Database
 from app.errors import error_body, install_error_handlers
-from app.metrics import Metrics
+from app.metrics import CountRequests, Metrics
 from app.queue import make_celery
 from app.reaper import reap_forever
 from app.routers import (
@@ -52,12 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(request.method, route.path if route else "unmatched", response.status_code).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(corpora.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)

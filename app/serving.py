@@ -21,6 +21,7 @@ from app.metrics import Metrics
 from app.models import Checkpoint, Deployment
 from model import load_checkpoint, merge_lora
 from model.engine import Engine
+from model.linear import pack_linears
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 300  # an old engine is stopped once its streams end, or after this
@@ -98,6 +99,8 @@ class DeploymentManager:
             engine = None
             if meta["task"] == "lm":
                 engine = Engine(model, tokenizer, self.max_batch, self.max_queue).start()
+            else:
+                pack_linears(model)  # classification runs batches of texts
             loaded = Loaded(checkpoint_id, engine, model, tokenizer, meta, prompt_format)
         except Exception as e:  # any failure to load leaves the previous checkpoint served
             log.exception("deployment %s: loading checkpoint %s failed", served.name, checkpoint_id)

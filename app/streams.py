@@ -24,7 +24,9 @@ class GenerationFailed(Exception):
 class EngineStream:
     def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, params: SamplingParams,
                  stop: tuple[str, ...], seed: int | None, eos_id: int | None, metrics: Metrics, deployment: str):
-        self.metrics, self.deployment = metrics, deployment
+        self.time_to_first_token = metrics.time_to_first_token.labels(deployment)
+        self.inter_token_latency = metrics.inter_token_latency.labels(deployment)
+        self.tokens_generated = metrics.tokens_generated.labels(deployment)
         self.last_event_at = time.monotonic()
         self.first = True
         self.events: asyncio.Queue = asyncio.Queue()
@@ -43,16 +45,17 @@ class EngineStream:
 
     async def next_event(self, timeout_s: float) -> StreamEvent:
         try:
-            event = await asyncio.wait_for(self.events.get(), timeout_s)
+            # asyncio.timeout, not wait_for: no task created per token
+            async with asyncio.timeout(timeout_s):
+                event = await self.events.get()
         except TimeoutError:
             self.request.abort()
             raise GenerationFailed(f"no token within {timeout_s:.0f} s") from None
         if isinstance(event, Exception):
             raise GenerationFailed(f"generation failed: {event}")
         now = time.monotonic()
-        latency = self.metrics.time_to_first_token if self.first else self.metrics.inter_token_latency
-        latency.labels(self.deployment).observe(now - self.last_event_at)
-        self.metrics.tokens_generated.labels(self.deployment).inc()
+        (self.time_to_first_token if self.first else self.inter_token_latency).observe(now - self.last_event_at)
+        self.tokens_generated.inc()
         self.first, self.last_event_at = False, now
         return event
 

@@ -44,12 +44,15 @@ def engine_rate(checkpoint: Path, tokens: int) -> float:
 
 
 def print_engine_rate(checkpoint: Path, tokens: int) -> None:
+    def load() -> None:  # on a thread of its own, as the server loads a deployment
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        loaded.append((Engine(model, tokenizer, max_batch=8).start(), tokenizer))
+
     loaded = []
-    loader = threading.Thread(target=lambda: loaded.append(load_checkpoint(checkpoint)))
+    loader = threading.Thread(target=load)
     loader.start()
     loader.join()
-    model, tokenizer, _ = loaded[0]
-    engine = Engine(model, tokenizer, max_batch=8).start()
+    engine, tokenizer = loaded[0]
     done = threading.Event()
     prompt = tokenizer.encode(PROMPT)
     rates = []

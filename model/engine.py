@@ -52,6 +52,8 @@ class Request:
 class Engine:
     def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
         self.model = model.eval()
+        if max_batch > 1:
+            model.pack_for_batches()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(model, max_batch)

@@ -4,11 +4,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from model.gpt import GPT
-from model.linear import row_block_matmul, uses_row_blocks
+from model.linear import linear
 from model.sampling import SamplingParams, next_token
 from model.streaming import TextStream
 
@@ -25,8 +24,8 @@ def make_generators(seed: int | None, n: int, device) -> list[torch.Generator] |
 class Decoder:
     """Prefill and one-token steps of a GPT over a KV cache.
 
-    A step's products are a few rows by each weight matrix; `model.linear` spreads them over the CPU
-    threads, the LM head included (its weight is read in place, never copied).
+    A step's products are thin (one row per sequence); `model.linear` runs them fast on CPU, the LM head
+    included, and faster still for several sequences once the model is packed (`GPT.pack_for_batches`).
     """
 
     def __init__(self, model: GPT, n_slots: int, max_length: int | None = None):
@@ -34,11 +33,8 @@ class Decoder:
         self.cache = model.new_cache(n_slots, max_length)
 
     def head(self, hidden: Tensor) -> Tensor:
-        """Logits [B, V] of hidden states [B, C]; on CPU a transposed view of [V, B], as computed."""
-        weight = self.model.output_weight
-        if uses_row_blocks(hidden, weight):
-            return row_block_matmul(weight, hidden.t()).t()  # transposing 50k x B floats costs ~0.5 ms
-        return F.linear(hidden, weight)
+        """Logits [B, V] of hidden states [B, C]."""
+        return linear(hidden, self.model.output_weight, None, self.model.packed_output)
 
     def logits(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
         """Logits [B, V] of the last position after appending idx [B, T] to the rows' caches."""

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from model.attention import CausalSelfAttention
 from model.config import GPTConfig
 from model.kv_cache import KVCache
-from model.linear import Linear
+from model.linear import Linear, PackedWeight, pack, pack_linears
 from model.loss import cross_entropy
 
 
@@ -49,6 +49,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = None if config.tie_embeddings else Linear(config.n_embd, config.vocab_size,
                                                                  bias=False)
+        self.packed_output: PackedWeight | None = None  # see pack_for_batches
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -61,6 +62,15 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def pack_for_batches(self) -> None:
+        """Keep a oneDNN copy of every weight matrix for CPU products of several rows (`model.linear`).
+
+        For a model kept to decode batches (the serving engine): ~1.7x faster matmuls at 8 sequences, for a
+        second copy of the weights in memory. A copy is used only while its weight is unchanged.
+        """
+        pack_linears(self)
+        self.packed_output = pack(self.output_weight)
 
     @property
     def output_weight(self) -> Tensor:

@@ -319,12 +319,17 @@ def test_health_follows_the_default_deployment_and_metrics_count(api, lm):
     assert api.get("/health").json() == {"status": "ok", "default_deployment": "tiny", "checkpoint_id": checkpoint_id}
     api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
     api.post("/generate", json={"inputs": ""})
+    streamed = api.post("/d/tiny/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert streamed.text.count("data:") == 2
+    assert api.get("/no/such/path").status_code == 404
     text = api.get("/metrics").text
     assert 'scratchllm_http_requests_total{method="POST",route="/generate",status="200"} 1.0' in text
     assert 'scratchllm_http_requests_total{method="POST",route="/generate",status="422"} 1.0' in text
-    assert 'scratchllm_generated_tokens_total{deployment="tiny"} 4.0' in text
-    assert 'scratchllm_time_to_first_token_seconds_count{deployment="tiny"} 1.0' in text
-    assert 'scratchllm_inter_token_latency_seconds_count{deployment="tiny"} 3.0' in text
+    assert 'scratchllm_http_requests_total{method="POST",route="/generate_stream",status="200"} 1.0' in text
+    assert 'scratchllm_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'scratchllm_generated_tokens_total{deployment="tiny"} 6.0' in text
+    assert 'scratchllm_time_to_first_token_seconds_count{deployment="tiny"} 2.0' in text
+    assert 'scratchllm_inter_token_latency_seconds_count{deployment="tiny"} 4.0' in text
     assert 'scratchllm_running_sequences{deployment="tiny"} 0.0' in text
     assert 'scratchllm_queue_depth{deployment="tiny"} 0.0' in text
 

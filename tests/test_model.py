@@ -129,6 +129,38 @@ def test_linear_uses_row_blocks_only_for_few_rows_in_inference(monkeypatch):
     assert calls == [(16, 6)]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_packed_weights_give_the_same_logits_and_are_dropped_once_the_weights_change(monkeypatch):
+    calls = []
+    real = linear_module.packed_linear
+    monkeypatch.setattr(linear_module, "packed_linear", lambda x, p, b: calls.append(x.shape) or real(x, p, b))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 300, (3, 5))
+    with torch.inference_mode():
+        before = model(idx)[0]
+    assert not calls
+    model.pack_for_batches()
+    assert all(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+    with torch.inference_mode():
+        assert torch.allclose(model(idx)[0], before, atol=1e-5)
+        one_row = model(idx[:1, :1])[0]  # a single row keeps the row blocks
+    assert len(calls) == 4 * TINY["n_layer"] and one_row.shape == (1, 1, 300)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(idx, idx)[1].backward()
+    optimizer.step()  # the weights change in place: every packed copy is now stale
+    calls.clear()
+    with torch.inference_mode():
+        after = model(idx)[0]
+    assert not calls
+    assert torch.allclose(after, model(idx)[0].detach(), atol=1e-5) and not torch.allclose(after, before, atol=1e-3)
+    model.load_state_dict(GPT(GPTConfig(**TINY)).state_dict())  # so do loaded weights
+    with torch.inference_mode():
+        model(idx)
+    assert not calls
+
+
 def test_classifier_reads_the_last_real_token_not_the_padding():
     torch.manual_seed(0)
     model = GPTClassifier(GPTConfig(**TINY), n_classes=3).eval()

@@ -172,6 +172,7 @@ def _instruct(model, tokenizer, target: Target, steps_for) -> Outcome:
     encoded = [encode_instruction(r, tokenizer) for r in records]
     steps = steps_for([len(records), len(records), len(records) if s["judge"] else 0])
     loss, n_tokens = response_loss(model, encoded, tokenizer.eot_id, s["batch_size"], progress=steps.phase(0))
+    model.pack_for_batches()
     responses = generate_responses(model, tokenizer, records, s["max_new_tokens"], s["batch_size"],
                                    progress=steps.phase(1))
     judged, judge_record = (_judge(target, records, responses, steps.phase(2)) if s["judge"]
