@@ -69,8 +69,8 @@ class GPT(nn.Module):
         For a model kept to decode batches (the serving engine): about 2x faster matmuls at 8 sequences, for
         a second copy of the weights in memory. A copy is used only while its weight is unchanged.
         """
-        pack_linears(self)
-        self.packed_output = pack(self.output_weight)
+        pack_linears(self)  # an untied head is one of them
+        self.packed_output = pack(self.wte.weight) if self.lm_head is None else self.lm_head.packed
 
     @property
     def output_weight(self) -> Tensor:

@@ -43,6 +43,23 @@ def test_cached_logits_equal_full_recompute(model, untied_model, head):
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 7:], atol=1e-4)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_model_packed_for_batches_decodes_the_same_logits(tie):
+    torch.manual_seed(2)
+    model = GPT(replace(CONFIG, tie_embeddings=tie)).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (3, 12))
+    full = model(idx)[0]
+    model.pack_for_batches()
+    if not tie:  # the untied head is packed once, as a Linear
+        assert model.packed_output is model.lm_head.packed
+    assert (model.packed_output is not None) == torch.backends.mkldnn.is_available()
+    decoder = Decoder(model, 3)
+    with torch.inference_mode():
+        steps = [decoder.logits(idx[:, :6])]
+        steps += [decoder.logits(idx[:, t: t + 1]) for t in range(6, 12)]
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 5:], atol=1e-4)
+
+
 def test_cache_slots_of_different_lengths_decode_together(model):
     a, b = torch.randint(0, CONFIG.vocab_size, (1, 5)), torch.randint(0, CONFIG.vocab_size, (1, 11))
     decoder = Decoder(model, 3)
