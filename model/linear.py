@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FEW_ROWS = 32  # row blocks beat F.linear up to here; past it both run at the same speed
-PACKED_FOR_ROWS = 8  # oneDNN's layout for 8 rows served 2-32 rows within 10% of its layout for 32 (for 1: 2x slower)
+# oneDNN's layout for 8 rows ran 2-16 rows within 6% of its layout for 32 (32 rows 17% slower); its layout
+# for 1 row ran 8 rows 2x slower
+PACKED_FOR_ROWS = 8
 
 
 class PackedWeight(NamedTuple):
