@@ -59,7 +59,7 @@ class LoRALinear(Linear):
 
     def merged(self) -> Linear:
         linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+                        device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight + (self.lora_b @ self.lora_a) * self.scale)
             if self.bias is not None:
