@@ -21,13 +21,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-# The project as a wheel: only what pyproject.toml packages (model, app, worker, migrations).
+# The project as a wheel: only what pyproject.toml packages.
 FROM base AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
+COPY core ./core
+COPY serving ./serving
 COPY app ./app
 COPY worker ./worker
+COPY scratchllm ./scratchllm
 COPY migrations ./migrations
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 

@@ -26,9 +26,14 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scratchllm demo
 
+# the suite's layers (tests/conftest.py): unit needs no server, api runs on SQLite, integration on PostgreSQL
+# and Redis with real workers
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest tests/unit
+	$(VENV)/bin/python -m pytest tests/api -m "not integration"
+	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_speed.py

@@ -5,42 +5,29 @@ at once and its first admin key can be created through the API; from the first k
 but the health checks needs a key.
 """
 
-import hashlib
-import secrets
 from datetime import timedelta
 
 from fastapi import Depends, Request
 from sqlalchemy import select, update
 
-from app.db import Database, utcnow
 from app.deps import DatabaseDep, SettingsDep
 from app.errors import APIError
-from app.models import API_KEY_SCOPES, ApiKey
+from core.db import Database, utcnow
+from core.enums import KeyScope
+from core.keys import hash_key
+from core.tables import ApiKey
 
-KEY_PREFIX = "sk-scratch-"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most this often
 
 
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _rank(scope: str) -> int:
-    return API_KEY_SCOPES.index(scope)
-
-
-def _check(request: Request, database: Database, settings, needed: str) -> ApiKey | None:
+def _check(request: Request, database: Database, settings, needed: KeyScope) -> ApiKey | None:
     # a session of its own, closed before the endpoint runs: a streamed answer must not hold a
     # database connection for as long as it streams
     with database.session() as session:
         return _check_in(request, session, settings, needed)
 
 
-def _check_in(request: Request, session, settings, needed: str) -> ApiKey | None:
+def _check_in(request: Request, session, settings, needed: KeyScope) -> ApiKey | None:
     if not settings.api_keys_required and session.scalar(
             select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is None:
         return None  # no keys yet: open, whatever a client sends (OpenAI's client always sends one)
@@ -54,7 +41,7 @@ def _check_in(request: Request, session, settings, needed: str) -> ApiKey | None
                                                   ApiKey.revoked_at.is_(None)))
     if api_key is None:
         raise APIError(401, "unknown or revoked API key")
-    if _rank(api_key.scope) < _rank(needed):
+    if KeyScope(api_key.scope).rank < needed.rank:
         raise APIError(403, f"this key's scope is {api_key.scope!r}; the request needs {needed!r}")
     now = utcnow()
     if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
@@ -64,17 +51,17 @@ def _check_in(request: Request, session, settings, needed: str) -> ApiKey | None
 
 def read_or_train(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
     """Reading needs `read`; anything that changes state needs `train`."""
-    needed = "read" if request.method in ("GET", "HEAD") else "train"
+    needed = KeyScope.READ if request.method in ("GET", "HEAD") else KeyScope.TRAIN
     return _check(request, database, settings, needed)
 
 
 def reader(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
     """Inference: any key will do, whatever the method."""
-    return _check(request, database, settings, "read")
+    return _check(request, database, settings, KeyScope.READ)
 
 
 def admin(request: Request, database: DatabaseDep, settings: SettingsDep) -> ApiKey | None:
-    return _check(request, database, settings, "admin")
+    return _check(request, database, settings, KeyScope.ADMIN)
 
 
 ReadOrTrain = Depends(read_or_train)

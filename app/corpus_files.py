@@ -3,9 +3,11 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.enums import CorpusKind
 from model import DataFormatError, gpt2_tokenizer, read_classification_file, read_instruction_file
 
-FORMATS = {"text": ("txt",), "classification": ("csv", "tsv", "jsonl"), "instruction": ("json", "jsonl")}
+FORMATS = {CorpusKind.TEXT: ("txt",), CorpusKind.CLASSIFICATION: ("csv", "tsv", "jsonl"),
+           CorpusKind.INSTRUCTION: ("json", "jsonl")}
 TOKEN_COUNT_LIMIT_BYTES = 64 * 1024 * 1024  # larger text corpora are counted when a job tokenizes them
 
 
@@ -59,11 +61,11 @@ def _check_text(path: Path) -> CorpusSummary:
 def check_corpus(path: Path, kind: str) -> CorpusSummary:
     """Read the whole file (its suffix is its format) as a corpus of its kind; CorpusContentError names
     the first problem and where it is, never the server-side path."""
-    if kind == "text":
+    if kind == CorpusKind.TEXT:
         return _check_text(path)
     tokenizer = gpt2_tokenizer()
     try:
-        if kind == "classification":
+        if kind == CorpusKind.CLASSIFICATION:
             data = read_classification_file(path)
             n_tokens = sum(len(t) for t in tokenizer.encode_batch(data.texts, allow_special=False))
             return CorpusSummary(len(data.texts), n_tokens, list(data.label_names))

@@ -1,42 +1,88 @@
-"""FastAPI dependencies: settings, a database session per request, and lookups that 404 by name."""
+"""FastAPI dependencies: the application's services, typed, a database session per request, and lookups
+that 404 by id."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
-from app.db import Database
-from app.errors import not_found
-from app.models import Checkpoint, Corpus, Evaluation, Job
-from app.settings import Settings
+from app.metrics import Metrics
+from core.db import Database
+from core.errors import NotFound
+from core.queue import JobQueue
+from core.settings import Settings
+from core.storage import DataDir
+from core.tables import Checkpoint, Corpus, Evaluation, Job
+from serving.client import EngineClient
+from serving.deployments import DeploymentManager
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+@dataclass
+class Services:
+    """What an API process runs on, made once at start-up (app.main)."""
+
+    settings: Settings
+    database: Database
+    queue: JobQueue
+    deployments: DeploymentManager
+    engines: EngineClient
+    metrics: Metrics
 
 
-def get_database(request: Request) -> Database:
-    return request.app.state.database
+def services(request: Request) -> Services:
+    return request.app.state.services
 
 
-DatabaseDep = Annotated[Database, Depends(get_database)]
+ServicesDep = Annotated[Services, Depends(services)]
 
 
-def get_session(database: DatabaseDep) -> Iterator[Session]:
+def _settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def _storage(services: ServicesDep) -> DataDir:
+    return services.settings.storage
+
+
+def _database(services: ServicesDep) -> Database:
+    return services.database
+
+
+def _queue(services: ServicesDep) -> JobQueue:
+    return services.queue
+
+
+def _deployments(services: ServicesDep) -> DeploymentManager:
+    return services.deployments
+
+
+def _engines(services: ServicesDep) -> EngineClient:
+    return services.engines
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StorageDep = Annotated[DataDir, Depends(_storage)]
+DatabaseDep = Annotated[Database, Depends(_database)]
+QueueDep = Annotated[JobQueue, Depends(_queue)]
+DeploymentsDep = Annotated[DeploymentManager, Depends(_deployments)]
+EnginesDep = Annotated[EngineClient, Depends(_engines)]
+
+
+def _session(database: DatabaseDep) -> Iterator[Session]:
     with database.session() as session:
         yield session
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(_session)]
 
 
 def _row_or_404(session: Session, model, row_id: str, kind: str):
     row = session.get(model, row_id)
     if row is None:
-        raise not_found(kind, row_id)
+        raise NotFound.of(kind, row_id)
     return row
 
 

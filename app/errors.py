@@ -6,10 +6,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import Conflict, DomainError, Gone, Invalid, NotFound, Unavailable
+
 STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
-                503: "unavailable"}
+                410: "gone", 503: "unavailable"}
+# the one place a domain error becomes an HTTP status
+DOMAIN_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, Gone: 410, Unavailable: 503}
 
 
 class APIError(Exception):
@@ -27,10 +31,6 @@ def error_body(status: int, message: str, param: str | None = None, type_: str |
     if details:
         error["details"] = details
     return {"error": error}
-
-
-def not_found(kind: str, id_: str) -> APIError:
-    return APIError(404, f"no {kind} with id {id_!r}", param="id")
 
 
 def _is_union_tag(part) -> bool:
@@ -65,6 +65,11 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": "1"} if exc.status == 429 else None
         return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.type, exc.details, exc.code),
                             exc.status, headers=headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_request: Request, exc: DomainError):
+        status = next(code for kind, code in DOMAIN_STATUS.items() if isinstance(exc, kind))
+        return JSONResponse(error_body(status, exc.message, exc.param), status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

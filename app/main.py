@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)` wires the database, the routers and the error format."""
+"""The FastAPI application: `create_app(settings)` wires the services, the routers and the error format."""
 
 import asyncio
 from contextlib import asynccontextmanager
@@ -9,10 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from app.db import Database
+from app.deps import Services, ServicesDep
 from app.errors import error_body, install_error_handlers
 from app.metrics import CountRequests, Metrics
-from app.queue import make_celery
 from app.reaper import reap_forever
 from app.routers import (
     checkpoints,
@@ -25,31 +24,38 @@ from app.routers import (
     keys,
     openai_compat,
 )
-from app.serving import DeploymentManager, follow_deployments
-from app.settings import Settings, get_settings
+from core.db import Database
+from core.queue import JobQueue
+from core.settings import Settings, settings_from_environment
+from serving.client import EngineClient
+from serving.deployments import DeploymentManager, follow_deployments
+
+
+def _services(settings: Settings, metrics: Metrics) -> Services:
+    database = Database(settings.sqlalchemy_url)
+    manager = DeploymentManager(database, settings.storage, settings.serving_max_batch, settings.serving_max_queue,
+                                metrics)
+    return Services(settings=settings, database=database, queue=JobQueue(settings), deployments=manager,
+                    engines=EngineClient(manager, metrics, settings.generation_timeout_s), metrics=metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or settings_from_environment()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.state.settings = settings
-        app.state.database = Database(settings.sqlalchemy_url)
-        app.state.celery = make_celery(settings)
-        reaper = asyncio.create_task(reap_forever(app.state.database, app.state.celery, settings))
-        app.state.deployments = DeploymentManager(app.state.database, settings.data_dir, settings.serving_max_batch,
-                                                  settings.serving_max_queue, app.state.metrics)
-        follower = asyncio.create_task(follow_deployments(app.state.deployments, settings))
+        services = app.state.services = _services(settings, metrics)
+        reaper = asyncio.create_task(reap_forever(services.database, services.queue, settings))
+        follower = asyncio.create_task(follow_deployments(services.deployments, settings))
         yield
         reaper.cancel()
         follower.cancel()
-        await run_in_threadpool(app.state.deployments.stop)
-        app.state.database.dispose()
+        await run_in_threadpool(services.deployments.stop)
+        services.database.dispose()
 
     app = FastAPI(title="ScratchLLM", version="0.1.0", lifespan=lifespan)
-    app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
 
     app.add_middleware(CountRequests, metrics=metrics)
@@ -69,17 +75,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/health", tags=["health"])
-    async def health():
+    async def health(services: ServicesDep):
         """Ready: the database answers and the default deployment is loaded; 503 with the reason otherwise."""
         def database_answers() -> None:
-            with app.state.database.engine.connect() as connection:
+            with services.database.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
 
         try:
             await run_in_threadpool(database_answers)
         except Exception as e:  # any failure to reach the database means not ready
             return JSONResponse(error_body(503, f"the database does not answer: {type(e).__name__}"), 503)
-        served = app.state.deployments.get(None)
+        served = services.deployments.get(None)
         if served is None or served.current is None:
             reason = "no default deployment" if served is None else (
                 served.error or f"the default deployment {served.name} is loading")
@@ -87,11 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "default_deployment": served.name, "checkpoint_id": served.current.checkpoint_id}
 
     @app.get("/metrics", tags=["health"])
-    def prometheus_metrics() -> Response:
-        with app.state.deployments.lock:
-            engines = [(s.name, s.current.engine) for s in app.state.deployments.served.values()
-                       if s.current is not None and s.current.engine is not None]
-        for name, engine in engines:
+    def prometheus_metrics(services: ServicesDep) -> Response:
+        for name, engine in services.deployments.engines():
             waiting, running = engine.load
             metrics.queue_depth.labels(name).set(waiting)
             metrics.running.labels(name).set(running)

@@ -1,30 +1,15 @@
-"""Prometheus metrics of this API process (`GET /metrics`)."""
+"""Prometheus metrics of this API process (`GET /metrics`): serving's, and HTTP requests by route."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+from serving.metrics import ServingMetrics
 
 
-class Metrics:
-    """One registry per application, so several apps in one process (tests) never share counters."""
-
+class Metrics(ServingMetrics):
     def __init__(self):
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter("scratchllm_http_requests", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=self.registry)
-        self.time_to_first_token = Histogram("scratchllm_time_to_first_token_seconds",
-                                             "from admission to the first token", ["deployment"],
-                                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token_latency = Histogram("scratchllm_inter_token_latency_seconds", "between two tokens",
-                                             ["deployment"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens_generated = Counter("scratchllm_generated_tokens", "tokens generated", ["deployment"],
-                                        registry=self.registry)
-        self.queue_depth = Gauge("scratchllm_queue_depth", "requests waiting for a slot", ["deployment"],
-                                 registry=self.registry)
-        self.running = Gauge("scratchllm_running_sequences", "sequences being decoded", ["deployment"],
-                             registry=self.registry)
-        self.load_failures = Counter("scratchllm_deployment_load_failures", "checkpoints that failed to load",
-                                     ["deployment"], registry=self.registry)
 
 
 class CountRequests:

@@ -77,7 +77,8 @@ def main() -> None:
     print(f"validation loss before training: {before:.3f}")
 
     train_config = TrainConfig(max_steps=args.steps, learning_rate=args.lr, warmup_steps=args.steps // 10,
-                               weight_decay=0.1, eval_interval=100, eval_batches=1000, device="cpu")
+                               weight_decay=0.1, eval_interval=100, eval_batches=1000, checkpoint_interval=0,
+                               device="cpu")
     train_clock = Clock()
     result = train(model, task, train_config, tokenizer, PrintProgress(clock, 50), seed=args.seed)
     train_seconds = train_clock.seconds()

@@ -27,7 +27,7 @@ import torch
 from common import register_checkpoint
 
 from model import GPT, GPTConfig, SamplingParams, gpt2_tokenizer, load_checkpoint, save_checkpoint
-from model.engine import Engine, Request
+from serving.engine import Engine, Request
 
 PROMPT = "The history of the world is the history of"
 
@@ -189,11 +189,11 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="scratchllm-bench-"))
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(data), "SCRATCHLLM_SERVING_MAX_BATCH": "8",
            "SCRATCHLLM_SERVING_MAX_QUEUE": "64"}
-    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "scratchllm", "db", "upgrade"], env=env, check=True, capture_output=True)
     save_checkpoint(data / "checkpoints" / "bench", model, gpt2_tokenizer())
 
     server_log = open(data / "server.log", "w")  # noqa: SIM115  (open while the server runs)
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(args.port)], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "scratchllm", "api", "--port", str(args.port)], env=env,
                               stdout=server_log, stderr=subprocess.STDOUT)
     print(f"server log: {data / 'server.log'}")
     url = f"http://127.0.0.1:{args.port}"
@@ -205,7 +205,8 @@ def main() -> None:
                     break
                 except httpx.HTTPError:
                     time.sleep(0.3)
-            checkpoint_id = register_checkpoint(f"sqlite:///{data / 'scratchllm.db'}", "checkpoints/bench", model)
+            checkpoint_id = register_checkpoint(data, f"sqlite:///{data / 'scratchllm.db'}",
+                                                data / "checkpoints" / "bench")
             client.post("/v1/deployments", json={"name": "small", "checkpoint_id": checkpoint_id})
             while client.get("/health").status_code != 200:
                 time.sleep(0.3)

@@ -103,7 +103,8 @@ def main() -> None:
         lm_task = PretrainTask(token_stream(train_set.texts), token_stream(val_set.texts), block_size=128,
                                batch_size=16, seed=args.seed)
         lm_config = TrainConfig(max_steps=args.pretrain_steps, learning_rate=args.pretrain_lr,
-                                warmup_steps=args.pretrain_steps // 10, eval_batches=50, device="cpu")
+                                warmup_steps=args.pretrain_steps // 10, eval_interval=0, eval_batches=50,
+                                checkpoint_interval=0, device="cpu")
         pretrain_clock = Clock()
         result = train(lm, lm_task, lm_config, tokenizer, PrintProgress(clock, 100), seed=args.seed)
         print(f"{clock} pretraining: {args.pretrain_steps} steps in {pretrain_clock.seconds():.1f} s, "
@@ -119,7 +120,8 @@ def main() -> None:
     eval_every = args.eval_every or steps_per_epoch
     finetune_config = TrainConfig(max_steps=args.epochs * steps_per_epoch, learning_rate=args.lr,
                                   warmup_steps=steps_per_epoch // 2, weight_decay=0.1,
-                                  eval_interval=eval_every, eval_batches=1000, device="cpu")
+                                  eval_interval=eval_every, eval_batches=1000, checkpoint_interval=0,
+                                  device="cpu")
     keep_best = KeepBest(clock, steps_per_epoch, model)
     finetune_clock = Clock()
     train(model, task, finetune_config, tokenizer, keep_best, seed=args.seed, label_names=["ham", "spam"])
@@ -149,8 +151,8 @@ def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predic
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.migrate import upgrade
-    from app.settings import Settings
+    from core.migrate import upgrade
+    from core.settings import Settings
     from model import save_checkpoint
     from worker.runner import run
 
@@ -159,9 +161,9 @@ def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predic
         upgrade(settings.database_url)
         tsv = "".join(f"{['ham', 'spam'][label]}\t{text}\n" for text, label in
                       zip(test_set.texts, test_set.labels, strict=True))
-        path = "checkpoints/bench-spam"
-        save_checkpoint(settings.data_dir / path, model, gpt2_tokenizer(), label_names=["ham", "spam"])
-        checkpoint_id = register_checkpoint(settings.sqlalchemy_url, path, model, label_names=["ham", "spam"])
+        path = save_checkpoint(settings.data_dir / "checkpoints" / "bench-spam", model, gpt2_tokenizer(),
+                               label_names=["ham", "spam"])
+        checkpoint_id = register_checkpoint(settings.data_dir, settings.sqlalchemy_url, path)
         with TestClient(create_app(settings)) as client:
             corpus = client.post("/v1/corpora", data={"kind": "classification"},
                                  files={"file": ("test.tsv", tsv.encode())}).json()["id"]

@@ -108,7 +108,8 @@ def main() -> None:
     task = PretrainTask(train_tokens, val_tokens, block_size, batch_size, seed=args.seed, stride=stride)
     train_config = TrainConfig(max_steps=max_steps, learning_rate=4e-4, min_learning_rate=4e-4,
                                warmup_steps=0, weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=None,
-                               eval_interval=batches_per_epoch, eval_batches=1000, device="cpu")
+                               eval_interval=batches_per_epoch, eval_batches=1000, checkpoint_interval=0,
+                               device="cpu")
     train_clock = Clock()
     result = train(model, task, train_config, tokenizer, PrintProgress(clock, batches_per_epoch),
                    seed=args.seed)

@@ -50,19 +50,16 @@ class PrintProgress(Callback):
             print(f"{self.clock} step {step:5d}  {shown}", flush=True)
 
 
-def register_checkpoint(database_url: str, path: str, model, label_names: list[str] | None = None) -> str:
+def register_checkpoint(data_dir: Path, database_url: str, directory: Path) -> str:
     """Record a checkpoint saved under the service's data dir, as a finished training job records its own."""
-    from app.db import Database
-    from app.models import Checkpoint
+    from core.checkpoints import register_checkpoint as register
+    from core.db import Database
+    from core.storage import DataDir
+    from model import read_metadata
 
     database = Database(database_url)
     with database.session() as session:
-        checkpoint = Checkpoint(step=0, path=path, size_bytes=0, task="classifier" if label_names else "lm",
-                                label_names=label_names, model_config=model.config.to_dict(), tokenizer_type="gpt2",
-                                metrics={})
-        session.add(checkpoint)
-        session.flush()
-        checkpoint_id = checkpoint.id
+        checkpoint_id = register(session, DataDir(data_dir), directory, read_metadata(directory)).id
     database.dispose()
     return checkpoint_id
 

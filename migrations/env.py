@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import text
 
-import app.models  # noqa: F401  (registers the tables on Base.metadata)
-from app.db import Base, make_engine
+import core.tables  # noqa: F401  (registers the tables on Base.metadata)
+from core.db import Base, make_engine
 
 config = context.config
 

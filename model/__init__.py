@@ -6,6 +6,7 @@ Everything the worker, the API and external checks use is importable from here.
 from model.bpe import train_bpe
 from model.checkpoint import (
     CheckpointError,
+    has_training_state,
     load_checkpoint,
     load_training_state,
     read_metadata,
@@ -37,17 +38,26 @@ from model.evaluation import (
     token_byte_lengths,
     token_f1,
 )
-from model.generate import Decoder, StreamEvent, generate, generate_batch, stream_generate
+from model.generate import Decoder, generate, generate_batch, stream_generate
 from model.gpt import GPT
 from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
-from model.instruction_data import encode_instruction, format_prompt, format_response, read_instruction_file
+from model.instruction_data import (
+    NEXT_SECTION,
+    PROMPT_FORMAT,
+    encode_instruction,
+    format_chat,
+    format_prompt,
+    format_response,
+    read_instruction_file,
+)
 from model.kv_cache import KVCache
 from model.lora import LoRAConfig, apply_lora, merge_lora
+from model.loss import perplexity
 from model.sampling import SamplingParams
-from model.streaming import TextStream
+from model.streaming import StreamEvent, TextStream
 from model.tasks import ClassificationTask, InstructionTask, PretrainTask
 from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_from_spec
-from model.trainer import Callback, Progress, TrainConfig, Trainer, TrainResult
+from model.trainer import Callback, TrainConfig, Trainer, TrainProgress, TrainResult
 
 __all__ = [
     "GPT", "JUDGE_PROMPT", "EvaluationStopped", "LMScore", "classification_report", "classify", "exact_match",
@@ -55,8 +65,9 @@ __all__ = [
     "token_byte_lengths", "token_f1",
     "Callback", "CheckpointError", "ClassificationData", "ClassificationTask", "ConfigError",
     "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionTask", "KVCache", "LoRAConfig",
-    "PretrainTask", "Progress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
+    "PretrainTask", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
     "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",
+    "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "has_training_state",
     "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",
     "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
     "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "read_metadata",

@@ -1,8 +1,9 @@
 """Checkpoints: a directory of safetensors + JSON, never pickles.
 
     model.safetensors      the weights
-    config.json            model config, tokenizer spec, task (`lm` | `classifier`) and label names, step,
-                           metrics, parent checkpoint, LoRA config, and the size and sha256 of each file
+    config.json            model config, tokenizer spec, task (`lm` | `classifier`) and label names, prompt
+                           format (the chat template of an instruction model), step, metrics, parent
+                           checkpoint, LoRA config, and the size and sha256 of each file
     training.safetensors   optional, for resuming: optimizer tensors and RNG states
     training.json          optional, for resuming: optimizer hyperparameters, scheduler, data position
 
@@ -55,7 +56,7 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer, *, step: int = 0,
                     metrics: dict | None = None, label_names: list[str] | None = None,
-                    parent: str | None = None, lora: LoRAConfig | None = None,
+                    parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None,
                     training_state: tuple[dict[str, torch.Tensor], dict] | None = None,
                     extra: dict | None = None) -> Path:
     """Write model (a GPT or GPTClassifier) and its metadata to the directory path; returns the path.
@@ -82,7 +83,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokeni
         meta = {
             "format": FORMAT, "version": VERSION, "task": task, "model": config.to_dict(),
             "tokenizer": tokenizer.spec(), "label_names": label_names if task == "classifier" else None,
-            "step": step, "metrics": metrics or {}, "parent": parent,
+            "prompt_format": prompt_format, "step": step, "metrics": metrics or {}, "parent": parent,
             "lora": lora.to_dict() if lora is not None else None, **(extra or {}),
             "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
                       for name in files},
@@ -184,6 +185,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"invalid tokenizer spec in checkpoint: {e}") from e
     return model.to(device).eval(), tokenizer, meta
+
+
+def has_training_state(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint directory holds what a resume needs (a copy for serving may not)."""
+    return (Path(path) / TRAINING_JSON).is_file()
 
 
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

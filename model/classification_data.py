@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.data import index_batches
 from model.tokenizer import Tokenizer
 
 
@@ -241,16 +240,3 @@ def encode_classification(texts: list[str], tokenizer: Tokenizer, max_length: in
     for row, ids in zip(out, encoded, strict=True):
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out, torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
-
-
-def classification_batches(ids: Tensor, lengths: Tensor, labels, batch_size: int, shuffle: bool = False,
-                           generator: torch.Generator | None = None, drop_last: bool = False,
-                           start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """One epoch of (ids [B, L'], lengths [B], labels [B]) batches; L' is the batch's longest text,
-    since padding past it only costs compute. Shuffling and resuming work as in index_batches."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if not len(ids) == len(lengths) == len(labels):
-        raise ValueError(f"{len(ids)} rows of ids, {len(lengths)} lengths and {len(labels)} labels")
-    for rows in index_batches(len(ids), batch_size, shuffle, generator, drop_last, start_batch):
-        batch_lengths = lengths[rows]
-        yield ids[rows, : int(batch_lengths.max())], batch_lengths, labels[rows]

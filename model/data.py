@@ -2,9 +2,9 @@
 
 Two ways to cut windows, as the two references do:
 - nanoGPT: `random_batch` draws batch_size random offsets per step from a torch.Generator;
-- the book (GPTDatasetV1): `SlidingWindowDataset` / `sliding_window_batches` walk windows `stride` apart,
-  epoch by epoch, in an order that `epoch_order` (or a generator's state) reproduces, so a resumed run can
-  skip straight to batch k of epoch e.
+- the book (GPTDatasetV1): `n_windows` windows `stride` apart, cut by `windows_at`, visited epoch by epoch
+  in an order that `epoch_order` reproduces, so a resumed run can skip straight to batch k of epoch e
+  (model.tasks.PretrainTask).
 
 Every window of block_size inputs needs block_size + 1 tokens: the targets are the inputs shifted by one.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from model.tokenizer import Tokenizer
 
@@ -164,53 +163,7 @@ def n_windows(n_tokens: int, block_size: int, stride: int) -> int:
     return (n_tokens - block_size - 1) // stride + 1
 
 
-class SlidingWindowDataset(Dataset):
-    """The book's GPTDatasetV1: window i holds the inputs tokens[i*stride : i*stride + block_size] and
-    the targets one token further on. Items are (x, y) LongTensors [T]."""
-
-    def __init__(self, tokens, block_size: int, stride: int):
-        self.tokens = np.asarray(tokens)
-        self.block_size, self.stride = block_size, stride
-        self.n = n_windows(len(self.tokens), block_size, stride)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        if not -self.n <= i < self.n:
-            raise IndexError(f"window {i} of {self.n}")
-        x, y = windows_at(self.tokens, np.array([i % self.n * self.stride]), self.block_size)
-        return x[0], y[0]
-
-
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     """A permutation of range(n) that depends only on (seed, epoch): a resumed run recomputes the order
     of any epoch without replaying the ones before it."""
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def index_batches(n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                  drop_last: bool = False, start_batch: int = 0) -> Iterator[Tensor]:
-    """Row indices of each batch of one epoch over n rows, like a DataLoader's sampler.
-
-    The shuffled order is torch.randperm(n, generator=generator), drawn when iteration starts; to resume
-    at batch k of an epoch, pass a generator in the state it had at that epoch's start (seeded per epoch,
-    or restored with set_state) and start_batch=k."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    end = n - n % batch_size if drop_last else n
-    for first in range(start_batch * batch_size, end, batch_size):
-        yield order[first: first + batch_size]
-
-
-def sliding_window_batches(tokens, block_size: int, stride: int, batch_size: int, shuffle: bool = False,
-                           generator: torch.Generator | None = None, drop_last: bool = False,
-                           start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of the book's DataLoader over SlidingWindowDataset: (x, y) LongTensors [B, T].
-
-    The book trains with shuffle=True, drop_last=True; see index_batches for resuming mid-epoch."""
-    tokens = np.asarray(tokens)
-    count = n_windows(len(tokens), block_size, stride)
-    for rows in index_batches(count, batch_size, shuffle, generator, drop_last, start_batch):
-        yield windows_at(tokens, rows.numpy() * stride, block_size)

@@ -18,12 +18,16 @@ import torch.nn.functional as F
 from model.classifier import GPTClassifier
 from model.generate import generate_batch
 from model.gpt import GPT
-from model.instruction_data import format_prompt, format_response, instruction_collate
+from model.instruction_data import NEXT_SECTION, format_prompt, format_response, instruction_collate
+from model.loss import perplexity
 from model.tokenizer import Tokenizer
 
 ProgressCallback = Callable[[int, int], bool] | None
 
 
+# the metrics that rank checkpoints, and which way is better; the others (tokens, bytes, counts) describe
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "exact_match", "token_f1", "judge_score")
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "response_loss", "response_perplexity")
 LOGIT_ROWS = 512  # logits are made this many positions at a time: [512, 50257] fp32 is 100 MB
 
 
@@ -43,11 +47,6 @@ def _summed_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> flo
         logits = F.linear(rows, model.output_weight).float()  # [LOGIT_ROWS, V]
         total += F.cross_entropy(logits, wanted, reduction="sum").item()
     return total
-
-
-def perplexity(mean_loss: float) -> float:
-    """exp(mean loss), or inf where that overflows a float."""
-    return math.exp(mean_loss) if mean_loss < 700 else math.inf
 
 
 # -- language models ---------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def generate_responses(model: GPT, tokenizer: Tokenizer, records: list[dict], ma
         for ids in outputs:
             if ids and ids[-1] == tokenizer.eot_id:
                 ids = ids[:-1]
-            answers.append(tokenizer.decode(ids).split("\n\n###")[0].strip())
+            answers.append(tokenizer.decode(ids).split(NEXT_SECTION)[0].strip())
         _report(progress, min(i + batch_size, len(prompts)), len(prompts))
     return answers
 

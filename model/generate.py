@@ -1,7 +1,6 @@
 """Autoregressive generation with the KV cache: whole batches, ragged batches and a token stream."""
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -9,7 +8,7 @@ from torch import Tensor
 from model.gpt import GPT
 from model.linear import linear
 from model.sampling import SamplingParams, next_token
-from model.streaming import TextStream
+from model.streaming import StreamEvent, TextStream, token_event
 
 GREEDY = SamplingParams()
 
@@ -135,14 +134,6 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int,
     return outputs
 
 
-@dataclass
-class StreamEvent:
-    token_id: int
-    text: str  # the text this token makes safe to emit; may be empty
-    finish_reason: str | None = None  # `length`, `eos` or `stop` on the last event
-    logprob: float | None = None  # log-probability of the token under the model (before sampling filters)
-
-
 @torch.inference_mode()
 def stream_generate(model: GPT, tokenizer, prompt: list[int], max_new_tokens: int,
                     params: SamplingParams = GREEDY, eos_id: int | None = None,
@@ -165,16 +156,9 @@ def stream_generate(model: GPT, tokenizer, prompt: list[int], max_new_tokens: in
     for i in range(n_new):
         seen = torch.tensor([history], device=device) if params.uses_history else None
         token = int(next_token(logits, params, seen, generators))
-        if token == eos_id:
-            yield StreamEvent(token, text.finish(), "eos")
+        event = token_event(text, token, eos_id, n_new - 1 - i)
+        yield event
+        if event.finish_reason is not None:
             return
-        delta = text.push(token)
-        if text.stopped_by is not None:
-            yield StreamEvent(token, delta, "stop")
-            return
-        if i == n_new - 1:
-            yield StreamEvent(token, delta + text.finish(), "length")
-            return
-        yield StreamEvent(token, delta)
         history.append(token)
         logits = decoder.logits(torch.tensor([[token]], device=device))

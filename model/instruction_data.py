@@ -2,18 +2,18 @@
 the book's collate function that pads, shifts and masks a batch."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from model.classification_data import DataFormatError, jsonl_values, read_utf8
-from model.data import index_batches
 from model.tokenizer import Tokenizer
 
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
+PROMPT_FORMAT = "alpaca"  # the name a checkpoint trained on these prompts records as its prompt format
+NEXT_SECTION = "\n\n###"  # where a generated response ends: the model goes on to another section
 
 
 def _check_record(path: Path, record, number: int, where: str) -> dict:
@@ -70,6 +70,21 @@ def format_response(record: dict) -> str:
     return f"\n\n### Response:\n{record['output']}"
 
 
+def format_chat(messages: list[tuple[str, str]]) -> str:
+    """The Alpaca prompt of a conversation of (role, content) pairs, roles system, user and assistant:
+    system messages first, earlier turns as answered instructions, the last user message as the
+    instruction to answer now."""
+    system = "".join(content + "\n\n" for role, content in messages if role == "system")
+    turns, pending = [], None
+    for role, content in messages:
+        if role == "user":
+            pending = content
+        elif role == "assistant" and pending is not None:
+            turns.append(format_prompt({"instruction": pending}) + format_response({"output": content}) + "\n\n")
+            pending = None
+    return system + "".join(turns) + format_prompt({"instruction": pending}) + format_response({"output": ""})
+
+
 def encode_instruction(record: dict, tokenizer: Tokenizer) -> tuple[list[int], int]:
     """(ids of prompt + response, number of those ids that are the prompt), for instruction_collate.
 
@@ -102,12 +117,3 @@ def instruction_collate(batch: list[tuple[list[int], int]], pad_id: int = 50256,
         if mask_prompt:
             targets[row, : max(prompt_length - 1, 0)] = ignore_index  # target i is token i + 1
     return inputs[:, :max_length], targets[:, :max_length]
-
-
-def instruction_batches(encoded: list[tuple[list[int], int]], batch_size: int, shuffle: bool = False,
-                        generator: torch.Generator | None = None, drop_last: bool = False,
-                        start_batch: int = 0, **collate) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of instruction_collate batches (inputs, targets [B, T]); collate takes its keyword
-    arguments (pad_id, ignore_index, max_length, mask_prompt). Shuffling and resuming as in index_batches."""
-    for rows in index_batches(len(encoded), batch_size, shuffle, generator, drop_last, start_batch):
-        yield instruction_collate([encoded[i] for i in rows.tolist()], **collate)

@@ -12,14 +12,14 @@ from torch import Tensor, nn
 
 from model.linear import Linear
 
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the linear layers of a GPT block, all adapted by default
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # names of the linear layers that get an adapter
+    targets: tuple[str, ...] = LORA_TARGETS  # names of the linear layers that get an adapter
     dropout: float = 0.0
 
     def __post_init__(self):

@@ -6,8 +6,12 @@ passes over fresh memory take a sizeable share of a CPU training step. Here the 
 logits, and the backward is softmax(logits) - one_hot(target): one softmax pass and an in-place scale.
 """
 
+import math
+
 import torch
 from torch import Tensor
+
+MAX_LOG_PERPLEXITY = 700.0  # e^700 is about 1e304: past it a float overflows
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -35,3 +39,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
     """Mean cross-entropy of logits [N, V] against targets [N] over the targets that are not
     ignore_index; equals F.cross_entropy, but 0 rather than NaN when all are ignored. Computed in fp32."""
     return _CrossEntropy.apply(logits.float(), targets, ignore_index)
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss in nats), capped for a diverged model where it would overflow a float."""
+    return math.exp(min(mean_loss, MAX_LOG_PERPLEXITY))

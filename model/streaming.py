@@ -6,6 +6,15 @@ text, and a stop string never leaks, not even half of it.
 """
 
 import codecs
+from dataclasses import dataclass
+
+
+@dataclass
+class StreamEvent:
+    token_id: int
+    text: str  # the text this token makes safe to emit; may be empty
+    finish_reason: str | None = None  # `length`, `eos` or `stop` on the last event
+    logprob: float | None = None  # log-probability of the token under the model (before sampling filters)
 
 
 class TextStream:
@@ -59,3 +68,18 @@ class TextStream:
             if any(s.startswith(tail) for s in self.stop):
                 return size
         return 0
+
+
+def token_event(text: TextStream, token: int, eos_id: int | None, tokens_left: int,
+                logprob: float | None = None) -> StreamEvent:
+    """The event of a newly generated token, and whether it ends the sequence: the EOS token (never emitted),
+    a stop string (never emitted), or no budget left after it (tokens_left: what the token budget and the
+    context still allow after this one)."""
+    if token == eos_id:
+        return StreamEvent(token, text.finish(), "eos", logprob)
+    delta = text.push(token)
+    if text.stopped_by is not None:
+        return StreamEvent(token, delta, "stop", logprob)
+    if tokens_left <= 0:
+        return StreamEvent(token, delta + text.finish(), "length", logprob)
+    return StreamEvent(token, delta, None, logprob)

@@ -4,7 +4,6 @@ Each task turns a global micro-batch index into a batch deterministically (seed 
 run sees exactly the batches an uninterrupted run would have seen.
 """
 
-import math
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from model.data import epoch_order, n_windows, random_batch, windows_at
 from model.instruction_data import instruction_collate
+from model.loss import perplexity
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -68,7 +68,7 @@ class PretrainTask:
                 total += model(x, y)[1].item() * x.numel()
             count += x.numel()
         loss = total / count
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
+        return {"val_loss": loss, "val_perplexity": perplexity(loss)}
 
 
 class ClassificationTask:
@@ -147,4 +147,4 @@ class InstructionTask:
                                      reduction="sum").item()
             count += int((y != -100).sum())
         loss = total / count
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
+        return {"val_loss": loss, "val_perplexity": perplexity(loss)}

@@ -11,7 +11,7 @@ data position after a resume is just the step, and a resumed run repeats the uni
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +25,9 @@ from model.lora import LoRAConfig
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1000
+    """How to train; the service's job requests expose these fields with these defaults."""
+
+    max_steps: int = 200
     learning_rate: float = 6e-4
     min_learning_rate: float | None = None  # end of the cosine; learning_rate / 10 when None
     warmup_steps: int = 0
@@ -34,14 +36,20 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float | None = 1.0
     grad_accum_steps: int = 1
-    eval_interval: int = 0  # 0: evaluate only at the end (always evaluated at the end)
-    eval_batches: int = 20
+    eval_interval: int = 50  # 0: evaluate only at the end (always evaluated at the end)
+    eval_batches: int = 10
     sample_interval: int = 0  # 0: never sample
     sample_prompt: str = "\n"
     sample_tokens: int = 40
-    checkpoint_interval: int = 0  # 0: checkpoint only at the end
+    checkpoint_interval: int = 100  # 0: checkpoint only at the end (always checkpointed at the end)
     compile: bool = False
     device: str = "auto"
+
+    @classmethod
+    def from_values(cls, values: dict, **overrides) -> "TrainConfig":
+        """The config of the fields of values that are TrainConfig's (a job's hyperparameters hold others)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in names}, **overrides)
 
     def __post_init__(self):
         positive = ("max_steps", "grad_accum_steps", "eval_batches", "sample_tokens")
@@ -53,8 +61,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.min_learning_rate is not None and not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError("min_learning_rate must be between 0 and learning_rate")
+        if self.min_learning_rate is not None and not self.min_learning_rate >= 0:
+            raise ValueError(f"min_learning_rate must be >= 0, got {self.min_learning_rate!r}")
+        if self.min_learning_rate is not None and self.min_learning_rate > self.learning_rate:
+            raise ValueError("min_learning_rate must not exceed learning_rate")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -85,7 +95,7 @@ class Task(Protocol):
 
 
 @dataclass
-class Progress:
+class TrainProgress:
     step: int
     total_steps: int
     tokens_seen: int
@@ -99,7 +109,7 @@ class Progress:
 class Callback:
     """Receives what the Trainer does; override what you need. should_stop asks for a clean stop."""
 
-    def on_progress(self, progress: Progress) -> None: ...
+    def on_progress(self, progress: TrainProgress) -> None: ...
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -140,7 +150,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, tokenizer, out_dir,
                  callback: Callback | None = None, seed: int = 1337, label_names: list[str] | None = None,
-                 parent: str | None = None, lora: LoRAConfig | None = None):
+                 parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
@@ -149,7 +159,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.callback = callback or Callback()
         self.seed = seed
-        self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora)
+        self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora, prompt_format=prompt_format)
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -224,7 +234,7 @@ class Trainer:
             if finished or self._due(config.checkpoint_interval):
                 result.checkpoint = self._checkpoint()
             seconds_per_step = sum(step_times) / len(step_times)
-            self.callback.on_progress(Progress(
+            self.callback.on_progress(TrainProgress(
                 self.step, config.max_steps, self.tokens_seen, tokens / seconds_per_step,
                 seconds_per_step * (config.max_steps - self.step), loss, lr, self.metrics.get("val_loss")))
         if result.status == "stopped" and self.step > 0 and self._last_checkpoint_step != self.step:

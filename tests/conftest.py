@@ -1,17 +1,60 @@
+"""Fixtures of every layer of the suite, and the layers themselves.
+
+    tests/unit/         the model library, the engine, the command line, the deployment files: no server at all
+    tests/api/          the HTTP API in process, on SQLite databases copied from one migrated template
+    tests/integration/  PostgreSQL and Redis: migrations, the job lifecycle, the whole flow with real workers
+
+Each test is marked with its layer (`pytest -m unit`, `-m "api and not integration"`, `-m integration`).
+A test that asks for a database runs on SQLite; in the integration layer, or marked `both_databases`, it runs
+on PostgreSQL too, and that run belongs to the integration layer.
+"""
+
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
+LAYERS = ("unit", "api", "integration")
+DATABASES = ("sqlite", "postgresql")
 
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+POSTGRES_ADMIN_URL = os.environ.get("SCRATCHLLM_TEST_POSTGRES_URL",
+                                    "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def pytest_configure(config):
+    for layer in LAYERS:
+        config.addinivalue_line("markers", f"{layer}: a test of the {layer} layer (tests/{layer})")
+    config.addinivalue_line("markers", "both_databases: run on PostgreSQL too (in the integration layer)")
+
+
+def pytest_generate_tests(metafunc):
+    if "database_kind" in metafunc.fixturenames:
+        in_integration = TESTS / "integration" in Path(str(metafunc.definition.fspath)).parents
+        both = in_integration or metafunc.definition.get_closest_marker("both_databases")
+        kinds = DATABASES if both else DATABASES[:1]
+        metafunc.parametrize("database_kind", kinds, ids=kinds)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        layer = Path(str(item.fspath)).relative_to(TESTS).parts[0]
+        if layer in LAYERS:
+            item.add_marker(layer)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_kind") == "postgresql":
+            item.add_marker("integration")
 
 
 @pytest.fixture(scope="session")
@@ -21,49 +64,116 @@ def shared_data() -> Path:
     return DATA
 
 
-POSTGRES_ADMIN_URL = os.environ.get("SCRATCHLLM_TEST_POSTGRES_URL",
-                                    "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+@pytest.fixture
+def lm():
+    """A tiny untrained GPT on GPT-2's tokenizer, the same for every test."""
+    from model import GPT
+    from tests.helpers import TINY_LM
+
+    torch.manual_seed(0)
+    return GPT(TINY_LM).eval()
+
+
+# -- databases ---------------------------------------------------------------------------------------------
+
+def _postgres_admin():
+    from sqlalchemy import create_engine
+
+    return create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+def _postgres_database(template: str | None = None) -> str:
+    from sqlalchemy import text
+
+    name = f"scratchllm_test_{secrets.token_hex(4)}"
+    admin = _postgres_admin()
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    admin.dispose()
+    return name
+
+
+def _drop_postgres_database(name: str) -> None:
+    from sqlalchemy import text
+
+    admin = _postgres_admin()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _postgres_url(name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    import secrets
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"scratchllm_test_{secrets.token_hex(4)}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    name = _postgres_database()
     try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        yield _postgres_url(name)
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        _drop_postgres_database(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """Each test that takes it runs twice: on an SQLite file and on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
+@pytest.fixture
+def database_kind() -> str:
+    return DATABASES[0]  # parametrized by pytest_generate_tests
+
+
+@pytest.fixture
+def database_url(request, database_kind, tmp_path):
+    """An empty database: an SQLite file, or a fresh PostgreSQL database."""
+    if database_kind == "sqlite":
         return f"sqlite:///{tmp_path / 'scratchllm.db'}"
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    from core.migrate import upgrade
+
+    path = tmp_path_factory.mktemp("template") / "scratchllm.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template():
+    from core.migrate import upgrade
+
+    name = _postgres_database()
+    upgrade(_postgres_url(name))
+    yield name
+    _drop_postgres_database(name)
+
+
 @pytest.fixture
-def api(database_url, tmp_path):
-    """A TestClient of the service on a migrated database (SQLite and PostgreSQL) and a fresh data dir."""
+def migrated_database_url(request, database_kind, tmp_path):
+    """A database at the latest migration, copied from a template migrated once per session."""
+    if database_kind == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        for file in template.parent.glob(template.name + "*"):  # with a WAL file, should one be left
+            shutil.copy(file, tmp_path / file.name)
+        return f"sqlite:///{tmp_path / template.name}"
+    name = _postgres_database(template=request.getfixturevalue("postgres_template"))
+    request.addfinalizer(lambda: _drop_postgres_database(name))
+    return _postgres_url(name)
+
+
+# -- the service -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def api(migrated_database_url, tmp_path):
+    """A TestClient of the service on a migrated database and a fresh data dir."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.migrate import upgrade
-    from app.settings import Settings
+    from core.settings import Settings
 
-    upgrade(database_url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2_000_000)
+    settings = Settings(data_dir=tmp_path / "data", database_url=migrated_database_url, max_upload_bytes=2_000_000)
     with TestClient(create_app(settings)) as client:
         yield client
 

@@ -1,12 +1,15 @@
-"""Assertions and setup shared by the API tests."""
+"""Assertions and setup shared by the tests."""
 
+import time
 import uuid
 
 from fastapi.testclient import TestClient
 
-from app.db import Database
-from app.models import Checkpoint
-from model import gpt2_tokenizer, save_checkpoint
+from core.checkpoints import register_checkpoint
+from core.db import Database
+from model import GPTConfig, gpt2_tokenizer, read_metadata, save_checkpoint
+
+TINY_LM = GPTConfig(vocab_size=50257, context_length=64, n_layer=2, n_head=4, n_embd=32)  # GPT-2's tokenizer
 
 
 def assert_error(response, status: int, *words: str, param: str | None = None) -> dict:
@@ -34,16 +37,22 @@ def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
 
 def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
     """Save model into the service's data dir and register it, as a finished training job would."""
-    settings = api.app.state.settings
-    relative = f"checkpoints/test/{uuid.uuid4().hex}"
-    save_checkpoint(settings.data_dir / relative, model, gpt2_tokenizer(), label_names=label_names)
+    settings = api.app.state.services.settings
+    directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", model, gpt2_tokenizer(),
+                                label_names=label_names, prompt_format=prompt_format)
     database = Database(settings.sqlalchemy_url)
     with database.session() as session:
-        checkpoint = Checkpoint(step=1, path=relative, size_bytes=1, task="classifier" if label_names else "lm",
-                                label_names=label_names, model_config=model.config.to_dict(), tokenizer_type="gpt2",
-                                metrics={}, prompt_format=prompt_format)
-        session.add(checkpoint)
-        session.flush()
-        checkpoint_id = checkpoint.id
+        checkpoint_id = register_checkpoint(session, settings.storage, directory, read_metadata(directory)).id
     database.dispose()
     return checkpoint_id
+
+
+def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:
+    """Create a deployment and wait until it has loaded (or failed to)."""
+    response = api.post("/v1/deployments", json={"name": name, "checkpoint_id": checkpoint_id, **extra})
+    assert response.status_code == 201, response.text
+    deadline = time.monotonic() + 30
+    while (state := api.get(f"/v1/deployments/{name}").json())["state"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return state

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from celery.signals import worker_ready
 
-from app.queue import RUN_JOB_TASK, make_celery
-from app.settings import get_settings
+from core.queue import RUN_JOB_TASK, make_celery
+from core.settings import settings_from_environment
 from worker.handback import HAND_BACK_SIGNAL
 
 log = logging.getLogger(__name__)
-settings = get_settings()
+settings = settings_from_environment()
 celery = make_celery(settings)
 
 

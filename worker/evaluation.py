@@ -12,15 +12,17 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select, update
 
-from app.db import Database, utcnow
-from app.models import Checkpoint, Corpus, Evaluation, EvaluationExample, Job
-from app.settings import Settings
+from core.db import Database, utcnow
+from core.enums import EvaluationKind
+from core.settings import Settings
+from core.tables import Checkpoint, Corpus, Evaluation, EvaluationExample
 from model import (
-    Progress,
+    TrainProgress,
     encode_classification,
     encode_instruction,
     load_checkpoint,
     merge_lora,
+    perplexity,
     read_classification_file,
     read_instruction_file,
 )
@@ -30,7 +32,6 @@ from model.evaluation import (
     classify,
     exact_match,
     generate_responses,
-    perplexity,
     response_loss,
     score_tokens,
     scoring_windows,
@@ -40,7 +41,7 @@ from model.evaluation import (
 from model.lora import has_lora
 from worker.judge import Judge, JudgeError
 from worker.reporting import JobReporter
-from worker.training import corpus_path, corpus_tokens, job_dir, pool_device
+from worker.training import corpus_tokens, pool_device
 
 EXAMPLE_TEXT_CHARS = 2000  # stored examples keep this much of each text
 INSERT_CHUNK = 500
@@ -69,11 +70,9 @@ class Steps:
     """The phases of an evaluation as one step count for the job's progress, and its stop check. A step is
     what each phase counts: a scoring window, a text, a record."""
 
-    def __init__(self, database: Database, job_id: str, reporter: JobReporter, totals: list[int]):
+    def __init__(self, reporter: JobReporter, totals: list[int]):
         self.reporter, self.totals, self.total = reporter, totals, sum(totals)
         self.started = time.monotonic()
-        with database.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(total_steps=self.total))
 
     def phase(self, index: int):
         offset = sum(self.totals[:index])
@@ -81,7 +80,7 @@ class Steps:
         def progress(done: int, _total: int) -> bool:
             step = offset + done
             elapsed = time.monotonic() - self.started
-            self.reporter.on_progress(Progress(step=step, total_steps=self.total, tokens_seen=0, tokens_per_s=None,
+            self.reporter.on_progress(TrainProgress(step=step, total_steps=self.total, tokens_seen=0, tokens_per_s=None,
                                                eta_s=elapsed / step * (self.total - step), train_loss=None,
                                                learning_rate=0.0))
             return self.reporter.should_stop()
@@ -100,7 +99,8 @@ def _read_target(database: Database, settings: Settings, job_id: str) -> Target:
         corpus = session.get(Corpus, evaluation.corpus_id)
         judge = evaluation.job.spec.get("judge") or {}
         return Target(evaluation.id, evaluation.kind, evaluation.settings, judge.get("api_key"),
-                      settings.data_dir / checkpoint.path, corpus_path(settings, corpus.id, corpus.format))
+                      settings.storage.checkpoint_dir(checkpoint.path),
+                      settings.storage.corpus_file(corpus.id, corpus.format))
 
 
 def _lm(model, tokenizer, target: Target, steps_for, work: Path) -> Outcome:
@@ -219,12 +219,12 @@ def evaluate(database: Database, settings: Settings, job_id: str, reporter: JobR
     model.to(pool_device())
 
     def steps_for(totals: list[int]) -> Steps:
-        return Steps(database, job_id, reporter, totals)
+        return Steps(reporter, totals)
 
     try:
-        if target.kind == "lm":
-            outcome = _lm(model, tokenizer, target, steps_for, job_dir(settings, job_id))
-        elif target.kind == "classifier":
+        if target.kind == EvaluationKind.LM:
+            outcome = _lm(model, tokenizer, target, steps_for, settings.storage.job_work_dir(job_id))
+        elif target.kind == EvaluationKind.CLASSIFIER:
             outcome = _classifier(model, tokenizer, meta, target, steps_for)
         else:
             outcome = _instruct(model, tokenizer, target, steps_for)

@@ -3,24 +3,25 @@
 import time
 from pathlib import Path
 
-from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from app.db import Database, utcnow
-from app.models import Checkpoint, Job, JobEvent, Metric
-from model import Callback, Progress, read_metadata
+from core import jobs
+from core.checkpoints import register_checkpoint
+from core.db import Database, utcnow
+from core.storage import DataDir
+from core.tables import JobEvent, Metric
+from model import Callback, TrainProgress, read_metadata
 
 WRITE_INTERVAL_S = 0.5  # progress and metrics are written at most this often, and always at checkpoints
+STOP_REASONS = {jobs.Lease.CANCEL_REQUESTED: "cancelled", jobs.Lease.LOST: "lease lost"}
 
 
 class JobReporter(Callback):
-    def __init__(self, database: Database, job_id: str, owner: str, data_dir: Path, parent_checkpoint_id: str | None,
-                 prompt_format: str | None = None):
-        self.database, self.job_id, self.owner, self.data_dir = database, job_id, owner, data_dir
-        self.parent_checkpoint_id, self.prompt_format = parent_checkpoint_id, prompt_format
+    def __init__(self, database: Database, job_id: str, owner: str, storage: DataDir):
+        self.database, self.job_id, self.owner, self.storage = database, job_id, owner, storage
         self.pending_metrics: list[dict] = []
-        self.progress: Progress | None = None
+        self.progress: TrainProgress | None = None
         self.last_write = 0.0
         self.stop_reason: str | None = None  # "cancelled", "lease lost" or "shutdown"
 
@@ -31,29 +32,23 @@ class JobReporter(Callback):
             index_elements=["job_id", "name", "step"]))
 
     def flush(self) -> None:
-        """Write the buffered metrics and the latest progress; learn whether the job was cancelled."""
+        """Write the buffered metrics and the latest progress; learn whether the job was cancelled or lost."""
         self.last_write = time.monotonic()
         with self.database.session() as session:
             if self.pending_metrics:
                 self._insert_ignoring_duplicates(session, self.pending_metrics)
                 self.pending_metrics = []
-            values = {"heartbeat_at": utcnow()}
-            if self.progress is not None:
-                p = self.progress
-                values.update(step=p.step, tokens_seen=p.tokens_seen, tokens_per_s=p.tokens_per_s, eta_s=p.eta_s,
-                              train_loss=p.train_loss, val_loss=p.val_loss)
-            ours = session.execute(update(Job).where(Job.id == self.job_id, Job.lease_owner == self.owner,
-                                                     Job.status == "running").values(**values)).rowcount
-            cancelled = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
-        if not ours:
-            self.stop_reason = "lease lost"
-        elif cancelled:
-            self.stop_reason = "cancelled"
+            p = self.progress
+            progress = {} if p is None else dict(
+                step=p.step, total_steps=p.total_steps, tokens_seen=p.tokens_seen, tokens_per_s=p.tokens_per_s,
+                eta_s=p.eta_s, train_loss=p.train_loss, val_loss=p.val_loss)
+            lease = jobs.heartbeat(session, self.job_id, self.owner, **progress)
+        self.stop_reason = STOP_REASONS.get(lease, self.stop_reason)
 
     def _due(self) -> bool:
         return time.monotonic() - self.last_write >= WRITE_INTERVAL_S
 
-    def on_progress(self, progress: Progress) -> None:
+    def on_progress(self, progress: TrainProgress) -> None:
         self.progress = progress
         if self._due() or progress.step == progress.total_steps:
             self.flush()
@@ -68,15 +63,8 @@ class JobReporter(Callback):
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.flush()
-        meta = read_metadata(path)
         with self.database.session() as session:
-            checkpoint = Checkpoint(job_id=self.job_id, step=step, path=str(path.relative_to(self.data_dir)),
-                                    size_bytes=sum(f.stat().st_size for f in path.iterdir()), task=meta["task"],
-                                    label_names=meta.get("label_names"), metrics=dict(metrics),
-                                    model_config=meta["model"], tokenizer_type=meta["tokenizer"]["type"],
-                                    prompt_format=self.prompt_format, parent_id=self.parent_checkpoint_id)
-            session.add(checkpoint)
-            session.flush()
+            checkpoint = register_checkpoint(session, self.storage, path, read_metadata(path), job_id=self.job_id)
             session.add(JobEvent(job_id=self.job_id, type="checkpoint", message=f"checkpoint at step {step}",
                                  data={"checkpoint_id": checkpoint.id, "step": step, "metrics": dict(metrics)}))
 

@@ -7,16 +7,17 @@ import threading
 
 from sqlalchemy import select
 
-from app.db import Database
-from app.models import Checkpoint, Corpus, Job
-from app.queue import enqueue_job, make_celery
-from app.settings import Settings
-from model import Trainer, load_checkpoint
+from core import jobs
+from core.db import Database
+from core.jobs import JobStatus, JobType
+from core.queue import JobQueue
+from core.settings import Settings
+from core.tables import Checkpoint, Corpus, Job
+from model import Trainer, has_training_state, load_checkpoint
 from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
-from worker.leases import claim, heartbeat, release
 from worker.reporting import JobReporter
-from worker.training import checkpoints_dir, plan_job
+from worker.training import plan_job
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
             try:
-                heartbeat(self.database, self.job_id, self.owner)
+                with self.database.session() as session:
+                    jobs.heartbeat(session, self.job_id, self.owner)
             except Exception:  # a brief database outage: the next beat tries again
                 log.exception("heartbeat of job %s failed", self.job_id)
 
@@ -50,14 +52,21 @@ def _resume_point(session, job_id: str, settings: Settings) -> Checkpoint | None
     """The job's latest checkpoint whose directory still holds its training state."""
     for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
                                       .order_by(Checkpoint.step.desc())):
-        if (settings.data_dir / checkpoint.path / "training.json").is_file():
+        if has_training_state(settings.storage.checkpoint_dir(checkpoint.path)):
             return checkpoint
     return None
 
 
+def _finish(database: Database, job_id: str, owner: str, status: JobStatus, message: str, **details) -> None:
+    with database.session() as session:
+        jobs.finish(session, job_id, owner, status, message, **details)
+
+
 def run(settings: Settings, job_id: str, owner: str) -> None:
     database = _database(settings)
-    if not claim(database, job_id, owner, settings.heartbeat_timeout_s):
+    with database.session() as session:
+        claimed = jobs.claim(session, job_id, owner, settings.heartbeat_timeout_s)
+    if not claimed:
         log.info("job %s is not ours to run (finished, cancelled or leased by a live worker)", job_id)
         return
     beat = _Heartbeat(database, job_id, owner, settings.heartbeat_interval_s)
@@ -70,28 +79,31 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     try:
         with database.session() as session:
             job = session.get(Job, job_id)
-        reporter = JobReporter(database, job_id, owner, settings.data_dir, job.base_checkpoint_id)
+        reporter = JobReporter(database, job_id, owner, settings.storage)
         reporter.should_stop = _stop_also_on(shutdown, reporter)
-        if job.type == "evaluate":
+        if job.type == JobType.EVALUATE:
             metrics = evaluate(database, settings, job_id, reporter)
             step = reporter.progress.step if reporter.progress else 0
         else:
             metrics, step = _train(database, settings, job, reporter)
     except Exception as e:
         log.exception("job %s failed", job_id)
-        release(database, job_id, owner, "failed", f"job failed: {e}", error=f"{type(e).__name__}: {e}")
+        _finish(database, job_id, owner, JobStatus.FAILED, f"job failed: {e}", error=f"{type(e).__name__}: {e}")
         return
     finally:
         beat.stopped.set()
         if in_main_thread:
             signal.signal(HAND_BACK_SIGNAL, previous)
     if metrics is not None:
-        release(database, job_id, owner, "succeeded", f"job succeeded at step {step}", data={"metrics": metrics})
+        _finish(database, job_id, owner, JobStatus.SUCCEEDED, f"job succeeded at step {step}",
+                data={"metrics": metrics})
     elif reporter.stop_reason == "cancelled":
-        release(database, job_id, owner, "cancelled", f"job cancelled at step {step}")
-    elif reporter.stop_reason == "shutdown" and release(
-            database, job_id, owner, "queued", f"worker shutting down: job re-queued at step {step}"):
-        enqueue_job(make_celery(settings), settings, job_id)
+        _finish(database, job_id, owner, JobStatus.CANCELLED, f"job cancelled at step {step}")
+    elif reporter.stop_reason == "shutdown":
+        with database.session() as session:
+            handed_back = jobs.hand_back(session, job_id, owner, f"worker shutting down: job re-queued at step {step}")
+        if handed_back:
+            JobQueue(settings).send(job_id)
     # "lease lost": the job was taken from us (we were presumed dead); whoever holds it now ends it
 
 
@@ -102,14 +114,14 @@ def _train(database: Database, settings: Settings, job: Job, reporter: JobReport
         corpora = dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids))).all())
         base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
         resume = _resume_point(session, job.id, settings)
-    plan = plan_job(job, settings, corpora, base.path if base else None)
-    reporter.prompt_format = plan.prompt_format
-    trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, checkpoints_dir(settings, job.id),
+    plan = plan_job(job, settings.storage, corpora, base.path if base else None)
+    trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, settings.storage.job_checkpoints_dir(job.id),
                       reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
-                      parent=base.id if base else None)
+                      parent=base.id if base else None, prompt_format=plan.prompt_format)
     if resume is not None:
-        _load_weights(plan.model, settings.data_dir / resume.path)
-        trainer.resume(settings.data_dir / resume.path)
+        resume_dir = settings.storage.checkpoint_dir(resume.path)
+        _load_weights(plan.model, resume_dir)
+        trainer.resume(resume_dir)
         reporter.event("resume", f"resumed from the checkpoint at step {resume.step}",
                        {"checkpoint_id": resume.id, "step": resume.step})
     result = trainer.train()

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.models import Job
-from app.settings import Settings
+from core.jobs import JobType
+from core.storage import DataDir
+from core.tables import Job
 from model import (
     GPT,
+    PROMPT_FORMAT,
     ClassificationTask,
     GPTClassifier,
     GPTConfig,
@@ -47,18 +49,6 @@ class Plan:
     prompt_format: str | None = None
 
 
-def corpus_path(settings: Settings, corpus_id: str, fmt: str) -> Path:
-    return settings.corpora_dir / corpus_id / f"data.{fmt}"
-
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.data_dir / "jobs" / job_id
-
-
-def checkpoints_dir(settings: Settings, job_id: str) -> Path:
-    return settings.checkpoints_dir / job_id
-
-
 def pool_device() -> str:
     """This pool process's device: with one pool process per GPU, the n-th process trains on GPU n."""
     if not torch.cuda.is_available():
@@ -70,14 +60,7 @@ def pool_device() -> str:
 
 
 def train_config(spec: dict) -> TrainConfig:
-    hp = spec["hyperparameters"]
-    return TrainConfig(max_steps=hp["max_steps"], learning_rate=hp["learning_rate"],
-                       min_learning_rate=hp["min_learning_rate"], warmup_steps=hp["warmup_steps"],
-                       weight_decay=hp["weight_decay"], grad_clip=hp["grad_clip"],
-                       grad_accum_steps=hp["grad_accum_steps"], eval_interval=hp["eval_interval"],
-                       eval_batches=hp["eval_batches"], sample_interval=hp["sample_interval"],
-                       sample_prompt=hp["sample_prompt"], sample_tokens=hp["sample_tokens"],
-                       checkpoint_interval=hp["checkpoint_interval"], compile=hp["compile"], device=pool_device())
+    return TrainConfig.from_values(spec["hyperparameters"], device=pool_device())
 
 
 def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
@@ -102,15 +85,15 @@ def corpus_tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
     return open_tokens(out)
 
 
-def _plan_pretrain(job: Job, settings: Settings, corpora: dict, work: Path) -> Plan:
+def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
-    text_path = corpus_path(settings, job.corpus_id, corpora[job.corpus_id])
+    text_path = storage.corpus_file(job.corpus_id, corpora[job.corpus_id])
     tokenizer = _pretrain_tokenizer(spec, text_path, work)
     config = GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size})
     block = hp["block_size"] or config.context_length
     tokens = corpus_tokens(text_path, tokenizer, work / "train.bin")
     if job.validation_corpus_id:
-        val_path = corpus_path(settings, job.validation_corpus_id, corpora[job.validation_corpus_id])
+        val_path = storage.corpus_file(job.validation_corpus_id, corpora[job.validation_corpus_id])
         train, val = tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
     else:
         train, val = split_tokens(tokens, spec["validation_fraction"], block)
@@ -118,24 +101,23 @@ def _plan_pretrain(job: Job, settings: Settings, corpora: dict, work: Path) -> P
     return Plan(GPT(config), task, train_config(spec), tokenizer)
 
 
-def _base(settings: Settings, base_path: str):
-    model, tokenizer, meta = load_checkpoint(settings.data_dir / base_path)
+def _base(storage: DataDir, base_path: str):
+    model, tokenizer, meta = load_checkpoint(storage.checkpoint_dir(base_path))
     return model.train(), tokenizer, meta
 
 
 def _lora(spec: dict) -> LoRAConfig | None:
-    lora = spec.get("lora")
-    return LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]),
-                      dropout=lora["dropout"]) if lora else None
+    return LoRAConfig(**spec["lora"]) if spec.get("lora") else None
 
 
-def _plan_classifier(job: Job, settings: Settings, corpora: dict, base_path: str) -> Plan:
+def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
-    base, tokenizer, _ = _base(settings, base_path)
-    data = read_classification_file(corpus_path(settings, job.corpus_id, corpora[job.corpus_id]))
+    base, tokenizer, _ = _base(storage, base_path)
+    data = read_classification_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
     if job.validation_corpus_id:
-        val = read_classification_file(corpus_path(settings, job.validation_corpus_id,
-                                                   corpora[job.validation_corpus_id]), label_names=data.label_names)
+        val = read_classification_file(storage.corpus_file(job.validation_corpus_id,
+                                                           corpora[job.validation_corpus_id]),
+                                       label_names=data.label_names)
     else:
         data, val = split_dataset(data,
                                   (1 - spec["validation_fraction"], spec["validation_fraction"]), job.seed)
@@ -153,13 +135,13 @@ def _plan_classifier(job: Job, settings: Settings, corpora: dict, base_path: str
     return Plan(model, task, train_config(spec), tokenizer, label_names=list(data.label_names), lora=lora)
 
 
-def _plan_instruct(job: Job, settings: Settings, corpora: dict, base_path: str) -> Plan:
+def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
-    model, tokenizer, _ = _base(settings, base_path)
-    records = read_instruction_file(corpus_path(settings, job.corpus_id, corpora[job.corpus_id]))
+    model, tokenizer, _ = _base(storage, base_path)
+    records = read_instruction_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
     if job.validation_corpus_id:
-        val_records = read_instruction_file(corpus_path(settings, job.validation_corpus_id,
-                                                        corpora[job.validation_corpus_id]))
+        val_records = read_instruction_file(storage.corpus_file(job.validation_corpus_id,
+                                                                corpora[job.validation_corpus_id]))
     else:
         n_val = max(1, int(len(records) * spec["validation_fraction"]))
         if len(records) - n_val < 1:
@@ -175,16 +157,16 @@ def _plan_instruct(job: Job, settings: Settings, corpora: dict, base_path: str) 
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora)
-    return Plan(model, task, train_config(spec), tokenizer, lora=lora, prompt_format="alpaca")
+    return Plan(model, task, train_config(spec), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
 
 
-def plan_job(job: Job, settings: Settings, corpora: dict[str, str], base_path: str | None) -> Plan:
+def plan_job(job: Job, storage: DataDir, corpora: dict[str, str], base_path: str | None) -> Plan:
     """corpora maps the job's corpus ids to their formats; base_path is the base checkpoint's directory
     relative to the data dir (finetunes)."""
-    work = job_dir(settings, job.id)
+    work = storage.job_work_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
-    if job.type == "pretrain":
-        return _plan_pretrain(job, settings, corpora, work)
-    if job.type == "finetune_classifier":
-        return _plan_classifier(job, settings, corpora, base_path)
-    return _plan_instruct(job, settings, corpora, base_path)
+    if job.type == JobType.PRETRAIN:
+        return _plan_pretrain(job, storage, corpora, work)
+    if job.type == JobType.FINETUNE_CLASSIFIER:
+        return _plan_classifier(job, storage, corpora, base_path)
+    return _plan_instruct(job, storage, corpora, base_path)

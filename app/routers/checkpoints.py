@@ -3,8 +3,6 @@
 import json
 import shutil
 import tarfile
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -12,17 +10,21 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from safetensors import safe_open
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from app.auth import ReadOrTrain
-from app.db import new_id
-from app.deps import CheckpointDep, PageDep, SessionDep, SettingsDep
-from app.errors import APIError
-from app.models import ACTIVE_JOB_STATUSES, Checkpoint, Deployment, Evaluation, Job
+from app.deps import CheckpointDep, DatabaseDep, PageDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import Deleted, Page
 from app.uploads import receive_upload
-from model import gpt2_tokenizer, import_hf_gpt2, save_checkpoint
+from core import checkpoints
+from core.checkpoints import register_checkpoint
+from core.db import new_id
+from core.enums import CheckpointSource
+from core.errors import Gone, Invalid
+from core.storage import DataDir
+from core.tables import Checkpoint
+from model import gpt2_tokenizer, import_hf_gpt2, read_metadata, save_checkpoint
 from model.config import GPT2_VOCAB_SIZE
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[ReadOrTrain])
@@ -43,19 +45,19 @@ def get_checkpoint(checkpoint: CheckpointDep) -> CheckpointOut:
     return CheckpointOut.of(checkpoint)
 
 
-def _directory(settings, checkpoint: Checkpoint) -> Path:
-    path = settings.data_dir / checkpoint.path
+def _directory(storage: DataDir, checkpoint: Checkpoint) -> Path:
+    path = storage.checkpoint_dir(checkpoint.path)
     if not path.is_dir():
-        raise APIError(410, f"the files of checkpoint {checkpoint.id} are missing from the data dir", type_="gone")
+        raise Gone(f"the files of checkpoint {checkpoint.id} are missing from the data dir")
     return path
 
 
 @router.get("/{checkpoint_id}/download")
-async def download_checkpoint(checkpoint: CheckpointDep, settings: SettingsDep,
+async def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep,
                               background: BackgroundTasks) -> FileResponse:
     """A tar archive of the checkpoint directory (model.safetensors, config.json, training state)."""
-    directory = _directory(settings, checkpoint)
-    archive = Path(tempfile.mkstemp(suffix=".tar", dir=settings.data_dir)[1])
+    directory = _directory(storage, checkpoint)
+    archive = storage.scratch_file(".tar")
 
     def pack() -> None:
         with tarfile.open(archive, "w") as tar:
@@ -67,33 +69,17 @@ async def download_checkpoint(checkpoint: CheckpointDep, settings: SettingsDep,
 
 
 @router.delete("/{checkpoint_id}", response_model=Deleted)
-def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, settings: SettingsDep) -> dict:
-    deployed = session.scalars(select(Deployment.name).where(Deployment.checkpoint_id == checkpoint.id)).all()
-    if deployed:
-        raise APIError(409, f"checkpoint {checkpoint.id} is deployed as {', '.join(deployed)}",
-                       param="checkpoint_id")
-    evaluating = select(Evaluation.job_id).where(Evaluation.checkpoint_id == checkpoint.id)
-    users = session.scalars(select(Job.id).where(
-        Job.status.in_(ACTIVE_JOB_STATUSES),
-        or_(Job.base_checkpoint_id == checkpoint.id, Job.id == checkpoint.job_id, Job.id.in_(evaluating)))).all()
-    if users:
-        raise APIError(409, f"checkpoint {checkpoint.id} is in use by queued or running job(s) {', '.join(users)}",
-                       param="checkpoint_id")
-    if session.scalars(select(Job.id).where(Job.base_checkpoint_id == checkpoint.id).limit(1)).first():
-        raise APIError(409, f"checkpoint {checkpoint.id} is the base of finished jobs; it is kept as their record",
-                       param="checkpoint_id")
-    session.delete(checkpoint)
-    session.commit()
-    shutil.rmtree(settings.data_dir / checkpoint.path, ignore_errors=True)
+def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, storage: StorageDep) -> dict:
+    checkpoints.delete_checkpoint(session, storage, checkpoint)
     return {"id": checkpoint.id, "object": "checkpoint"}
 
 
 def _import(staging: Path):
-    """The uploaded model as our GPT; APIError naming the part at fault, never a server path."""
-    def refuse(part: str, problem) -> APIError:
+    """The uploaded model as our GPT; Invalid naming the part at fault, never a server path."""
+    def refuse(part: str, problem) -> Invalid:
         file = "config.json" if part == "config" else "model.safetensors"
         problem = str(problem).replace(str(staging), "<upload>")
-        return APIError(422, f"not an importable GPT-2 checkpoint: {file}: {problem}", param=part)
+        return Invalid(f"not an importable GPT-2 checkpoint: {file}: {problem}", param=part)
 
     try:
         with safe_open(staging / "model.safetensors", framework="pt"):
@@ -114,27 +100,29 @@ def _import(staging: Path):
 
 
 @router.post("/import", status_code=201, response_model=CheckpointOut)
-async def import_checkpoint(request: Request, session: SessionDep, settings: SettingsDep) -> CheckpointOut:
+async def import_checkpoint(request: Request, database: DatabaseDep, settings: SettingsDep) -> CheckpointOut:
     """multipart/form-data with `weights` (model.safetensors) and `config` (config.json) of a Hugging Face
     GPT-2 model, as published; it becomes an `lm` checkpoint with GPT-2's tokenizer."""
-    staging = settings.checkpoints_dir / ".staging" / uuid.uuid4().hex
-    staging.mkdir(parents=True)
+    storage = settings.storage
+    staging = storage.staging_path(storage.checkpoints)
+    staging.mkdir()
+
+    def keep() -> CheckpointOut:
+        model = _import(staging)
+        if model.config.vocab_size != GPT2_VOCAB_SIZE:
+            raise Invalid(f"the model's vocabulary has {model.config.vocab_size} tokens; an imported model "
+                          f"must use GPT-2's {GPT2_VOCAB_SIZE}-token tokenizer", param="config")
+        checkpoint_id = new_id("ckpt")
+        target = save_checkpoint(storage.imported_checkpoint_dir(checkpoint_id), model, gpt2_tokenizer(),
+                                 extra={"source": CheckpointSource.IMPORT})
+        with database.session() as session:
+            checkpoint = register_checkpoint(session, storage, target, read_metadata(target),
+                                             checkpoint_id=checkpoint_id)
+            return CheckpointOut.of(checkpoint)
+
     try:
         await receive_upload(request, {"weights": staging / "model.safetensors", "config": staging / "config.json"},
                              settings.max_upload_bytes)
-        model = await run_in_threadpool(_import, staging)
-        if model.config.vocab_size != GPT2_VOCAB_SIZE:
-            raise APIError(422, f"the model's vocabulary has {model.config.vocab_size} tokens; an imported model "
-                                f"must use GPT-2's {GPT2_VOCAB_SIZE}-token tokenizer", param="config")
-        checkpoint_id = new_id("ckpt")
-        relative = Path("checkpoints") / "imported" / checkpoint_id
-        target = settings.data_dir / relative
-        await run_in_threadpool(save_checkpoint, target, model, gpt2_tokenizer(), extra={"source": "import"})
-        checkpoint = Checkpoint(id=checkpoint_id, step=0, path=str(relative), task="lm", source="import",
-                                size_bytes=sum(f.stat().st_size for f in target.iterdir()),
-                                model_config=model.config.to_dict(), tokenizer_type="gpt2", metrics={})
-        session.add(checkpoint)
-        session.commit()
-        return CheckpointOut.of(checkpoint)
+        return await run_in_threadpool(keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

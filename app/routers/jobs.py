@@ -10,12 +10,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.auth import ReadOrTrain
-from app.deps import DatabaseDep, JobDep, PageDep, SessionDep, SettingsDep
-from app.errors import not_found
-from app.job_plans import cancel_job, create_job, queue_job
-from app.models import FINISHED_JOB_STATUSES, Job, JobEvent, Metric
+from app.deps import DatabaseDep, JobDep, PageDep, QueueDep, SessionDep
 from app.schemas.common import Page
-from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatus, JobType, MetricSeries
+from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatusName, JobTypeName, MetricSeries
+from app.services.jobs import create_job, send_job
+from core import jobs
+from core.errors import NotFound
+from core.tables import Job, JobEvent, Metric
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
 STREAM_POLL_S = 0.5
@@ -23,16 +24,16 @@ MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 
 
 @router.post("", status_code=201, response_model=JobOut)
-def submit_job(request: Request, body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
+def submit_job(body: JobCreate, session: SessionDep, queue: QueueDep) -> JobOut:
     job = create_job(session, body)
     session.commit()
-    queue_job(request.app.state.celery, settings, session, job)
+    send_job(queue, session, job)
     return JobOut.of(job)
 
 
 @router.get("", response_model=Page[JobOut])
-def list_jobs(session: SessionDep, page: PageDep, status: Annotated[JobStatus | None, Query()] = None,
-              type: Annotated[JobType | None, Query()] = None) -> dict:
+def list_jobs(session: SessionDep, page: PageDep, status: Annotated[JobStatusName | None, Query()] = None,
+              type: Annotated[JobTypeName | None, Query()] = None) -> dict:
     statement = select(Job)
     if status is not None:
         statement = statement.where(Job.status == status)
@@ -50,7 +51,8 @@ def get_job(job: JobDep) -> JobOut:
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel(job: JobDep, session: SessionDep) -> JobOut:
     """A queued job never starts; a running one stops at its next step (a training job keeps a checkpoint)."""
-    cancel_job(session, job)
+    jobs.request_cancel(session, job)
+    session.commit()
     return JobOut.of(job)
 
 
@@ -82,9 +84,12 @@ async def stream_job_events(request: Request, job_id: Annotated[str, Path(max_le
                             ) -> StreamingResponse:
     """Server-sent events: every event of the job as it happens, until the job ends. (No request-scoped
     session: each poll takes a connection for a moment, not for the length of the stream.)"""
-    with database.session() as session:
-        if session.get(Job, job_id) is None:
-            raise not_found("job", job_id)
+    def exists() -> bool:
+        with database.session() as session:
+            return session.get(Job, job_id) is not None
+
+    if not await run_in_threadpool(exists):
+        raise NotFound.of("job", job_id)
 
     def poll(after: int) -> tuple[list[dict], str]:
         with database.session() as session:
@@ -98,7 +103,7 @@ async def stream_job_events(request: Request, job_id: Annotated[str, Path(max_le
             for event in events:
                 after = event["id"]
                 yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            if not events and status in FINISHED_JOB_STATUSES:
+            if not events and status in jobs.FINISHED:
                 yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
                 return
             if not events:

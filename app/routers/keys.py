@@ -3,23 +3,16 @@
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.auth import Admin, hash_key, new_key
-from app.db import utcnow
+from app.auth import Admin
 from app.deps import PageDep, SessionDep
-from app.errors import APIError, not_found
-from app.models import ApiKey
 from app.schemas.common import Page
 from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
+from core.db import utcnow
+from core.errors import Conflict, NotFound
+from core.keys import create_key
+from core.tables import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], dependencies=[Admin])
-
-
-def create_key(session, name: str, scope: str) -> tuple[ApiKey, str]:
-    key = new_key()
-    api_key = ApiKey(name=name, scope=scope, key_hash=hash_key(key), prefix=key[:15])
-    session.add(api_key)
-    session.flush()
-    return api_key, key
 
 
 @router.post("", status_code=201, response_model=KeyCreated)
@@ -39,9 +32,9 @@ def list_keys(session: SessionDep, page: PageDep) -> dict:
 def revoke(key_id: str, session: SessionDep) -> ApiKey:
     api_key = session.get(ApiKey, key_id)
     if api_key is None:
-        raise not_found("api key", key_id)
+        raise NotFound.of("api key", key_id)
     if api_key.revoked_at is not None:
-        raise APIError(409, f"api key {key_id} is already revoked", param="key_id")
+        raise Conflict(f"api key {key_id} is already revoked", param="key_id")
     api_key.revoked_at = utcnow()
     session.commit()
     return api_key

@@ -3,20 +3,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.schemas.common import one_of
+from core.enums import CheckpointSource, CheckpointTask
+
+CheckpointTaskName = one_of(*CheckpointTask)
+
 
 class CheckpointOut(BaseModel):
     id: str
     object: Literal["checkpoint"] = "checkpoint"
     job_id: str | None
     step: int
-    task: Literal["lm", "classifier"]
+    task: CheckpointTaskName
     label_names: list[str] | None
     metrics: dict[str, float]
     architecture: dict[str, Any]  # the GPTConfig of the model
     tokenizer_type: str
     prompt_format: str | None
     parent_id: str | None
-    source: Literal["training", "import"]
+    source: one_of(*CheckpointSource)
     size_bytes: int
     created_at: datetime
 

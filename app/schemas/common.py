@@ -1,8 +1,19 @@
-from typing import Generic, TypeVar
+from enum import StrEnum
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 T = TypeVar("T")
+
+
+def one_of(*values: str | StrEnum) -> Any:
+    """A Literal of the values (an enumeration's members, or a few of them): the schema lists the values
+    inline and a bad one is refused by naming them."""
+    return Literal[tuple(str(v) for v in values)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Page(BaseModel, Generic[T]):  # noqa: UP046  (Python 3.11 has no type parameter syntax)

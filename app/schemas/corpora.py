@@ -3,7 +3,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-CorpusKind = Literal["text", "classification", "instruction"]
+from app.schemas.common import one_of
+from core.enums import CorpusKind
+
+CorpusKindName = one_of(*CorpusKind)
 
 
 class CorpusOut(BaseModel):
@@ -12,7 +15,7 @@ class CorpusOut(BaseModel):
     id: str
     object: Literal["corpus"] = "corpus"
     name: str
-    kind: CorpusKind
+    kind: CorpusKindName
     filename: str
     format: str
     size_bytes: int

@@ -3,6 +3,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.checkpoints import CheckpointTaskName
+from app.schemas.common import one_of
+from serving.deployments import DeploymentState
+
 DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
@@ -27,9 +31,9 @@ class DeploymentOut(BaseModel):
     name: str
     checkpoint_id: str
     serving_checkpoint_id: str | None  # what this API process serves now (the old one while a new one loads)
-    task: Literal["lm", "classifier"]
+    task: CheckpointTaskName
     default: bool
-    state: Literal["loading", "ready", "failed"]
+    state: one_of(*DeploymentState)
     error: str | None
     created_at: datetime
     updated_at: datetime

@@ -3,9 +3,11 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field
 
-from app.schemas.jobs import JobStatus, Strict
+from app.schemas.common import Strict, one_of
+from app.schemas.jobs import JobStatusName
+from core.enums import EvaluationKind
 
-EvaluationKind = Literal["lm", "classifier", "instruct"]
+EvaluationKindName = one_of(*EvaluationKind)
 
 
 class JudgeSpec(Strict):
@@ -42,12 +44,12 @@ class EvaluationOut(BaseModel):
     id: str
     object: Literal["evaluation"] = "evaluation"
     job_id: str
-    status: JobStatus
+    status: JobStatusName
     progress: EvaluationProgress
     error: str | None
     checkpoint_id: str | None  # None once the checkpoint was deleted; the numbers stay
     corpus_id: str
-    kind: EvaluationKind
+    kind: EvaluationKindName
     settings: dict[str, Any]
     metrics: dict[str, int | float] | None
     details: dict[str, Any] | None
@@ -78,12 +80,12 @@ class ExamplePage(BaseModel):
 
 class ComparisonRow(BaseModel):
     evaluation_id: str
-    status: JobStatus
+    status: JobStatusName
     checkpoint_id: str | None
     checkpoint_step: int | None
     training_job_id: str | None
     corpus_id: str
-    kind: EvaluationKind
+    kind: EvaluationKindName
     settings: dict[str, Any]
     metrics: dict[str, int | float] | None
 

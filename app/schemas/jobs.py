@@ -3,14 +3,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TrainingJobType = Literal["pretrain", "finetune_classifier", "finetune_instruct"]
-JobType = TrainingJobType | Literal["evaluate"]  # evaluate jobs are created by POST /v1/evaluations
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-CORPUS_KIND_OF = {"pretrain": "text", "finetune_classifier": "classification", "finetune_instruct": "instruction"}
+from app.schemas.common import Strict, one_of
+from core.jobs import TRAINING, JobStatus, JobType
+from model import LoRAConfig, TrainConfig
+from model.lora import LORA_TARGETS
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+TrainingJobType = one_of(*TRAINING)
+JobTypeName = one_of(*JobType)  # evaluate jobs are created by POST /v1/evaluations
+JobStatusName = one_of(*JobStatus)
+TRAIN = TrainConfig()  # the library's defaults are the API's
+LORA = LoRAConfig()
 
 
 class ModelSpec(Strict):
@@ -35,36 +37,40 @@ class BPESpec(Strict):
 
 
 class LoRASpec(Strict):
-    rank: int = Field(8, ge=1, le=512)
-    alpha: float = Field(16.0, gt=0)
-    targets: list[Literal["c_attn", "c_proj", "c_fc"]] = Field(default=["c_attn", "c_proj", "c_fc"], min_length=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    # model.LoRAConfig's fields and defaults
+
+    rank: int = Field(LORA.rank, ge=1, le=512)
+    alpha: float = Field(LORA.alpha, gt=0)
+    targets: list[one_of(*LORA_TARGETS)] = Field(default=list(LORA.targets), min_length=1)
+    dropout: float = Field(LORA.dropout, ge=0, lt=1)
 
 
 class Hyperparameters(Strict):
-    max_steps: int = Field(200, ge=1, le=10_000_000)
+    # model.TrainConfig's fields and defaults (but the device, which the worker picks, and Adam's betas), and
+    # those of the training data: batch size, windows, lengths
+
+    max_steps: int = Field(TRAIN.max_steps, ge=1, le=10_000_000)
     batch_size: int = Field(8, ge=1, le=4096)
-    learning_rate: float = Field(6e-4, gt=0, le=1)
-    min_learning_rate: float | None = Field(None, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.1, ge=0, le=10)
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accum_steps: int = Field(1, ge=1, le=1024)
-    eval_interval: int = Field(50, ge=0, description="0: evaluate only at the end")
-    eval_batches: int = Field(10, ge=1, le=10_000)
-    checkpoint_interval: int = Field(100, ge=0, description="0: checkpoint only at the end")
-    sample_interval: int = Field(0, ge=0)
-    sample_prompt: str = Field("\n", max_length=2000)
-    sample_tokens: int = Field(40, ge=1, le=1000)
+    learning_rate: float = Field(TRAIN.learning_rate, gt=0, le=1)
+    min_learning_rate: float | None = Field(TRAIN.min_learning_rate, ge=0)
+    warmup_steps: int = Field(TRAIN.warmup_steps, ge=0)
+    weight_decay: float = Field(TRAIN.weight_decay, ge=0, le=10)
+    grad_clip: float | None = Field(TRAIN.grad_clip, gt=0)
+    grad_accum_steps: int = Field(TRAIN.grad_accum_steps, ge=1, le=1024)
+    eval_interval: int = Field(TRAIN.eval_interval, ge=0, description="0: evaluate only at the end")
+    eval_batches: int = Field(TRAIN.eval_batches, ge=1, le=10_000)
+    checkpoint_interval: int = Field(TRAIN.checkpoint_interval, ge=0, description="0: checkpoint only at the end")
+    sample_interval: int = Field(TRAIN.sample_interval, ge=0)
+    sample_prompt: str = Field(TRAIN.sample_prompt, max_length=2000)
+    sample_tokens: int = Field(TRAIN.sample_tokens, ge=1, le=1000)
     block_size: int | None = Field(None, ge=1, description="pretraining window; default: the context length")
     stride: int | None = Field(None, ge=1, description="pretraining: strided windows in epochs (the book)")
     max_length: int | None = Field(None, ge=2, description="finetuning: texts truncated to this many tokens")
-    compile: bool = False
+    compile: bool = TRAIN.compile
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.min_learning_rate is not None and self.min_learning_rate > self.learning_rate:
-            raise ValueError("min_learning_rate must not exceed learning_rate")
+        TrainConfig.from_values(self.model_dump())  # the library's rules between fields, in its words
         return self
 
 
@@ -85,7 +91,7 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _fields_of_the_type(self):
-        if self.type == "pretrain":
+        if self.type == JobType.PRETRAIN:
             if self.base_checkpoint_id is not None:
                 raise ValueError("pretraining starts from scratch: base_checkpoint_id is for finetunes")
             if self.lora is not None:
@@ -115,8 +121,8 @@ class JobOut(BaseModel):
     id: str
     object: Literal["job"] = "job"
     name: str | None
-    type: JobType
-    status: JobStatus
+    type: JobTypeName
+    status: JobStatusName
     corpus_id: str
     validation_corpus_id: str | None
     base_checkpoint_id: str | None
@@ -152,7 +158,7 @@ def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _links(job) -> dict[str, str]:
-    if job.type == "evaluate":
+    if job.type == JobType.EVALUATE:
         return {"evaluation": f"/v1/evaluations?job_id={job.id}"}
     # a training job's checkpoints scored on its validation corpus, when it has one
     on_validation = f"&corpus_id={job.validation_corpus_id}" if job.validation_corpus_id else ""

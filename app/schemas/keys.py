@@ -3,14 +3,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Scope = Literal["read", "train", "admin"]
+from app.schemas.common import one_of
+from core.enums import KeyScope
+
+Scope = one_of(*KeyScope)
 
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=100)
-    scope: Scope = "read"
+    scope: Scope = KeyScope.READ.value
 
 
 class KeyOut(BaseModel):

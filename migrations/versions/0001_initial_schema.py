@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import core.db
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -24,9 +24,9 @@ def upgrade() -> None:
     sa.Column('scope', sa.String(length=10), nullable=False),
     sa.Column('key_hash', sa.String(length=64), nullable=False),
     sa.Column('prefix', sa.String(length=16), nullable=False),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_used_at', app.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_used_at', core.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', core.db.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('key_hash', name=op.f('uq_api_keys_key_hash'))
     )
@@ -41,7 +41,7 @@ def upgrade() -> None:
     sa.Column('n_records', sa.Integer(), nullable=False),
     sa.Column('n_tokens', sa.BigInteger(), nullable=True),
     sa.Column('label_names', sa.JSON(), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_corpora'))
     )
     with op.batch_alter_table('corpora', schema=None) as batch_op:
@@ -68,10 +68,10 @@ def upgrade() -> None:
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=100), nullable=True),
-    sa.Column('heartbeat_at', app.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', app.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('heartbeat_at', core.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', core.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', core.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['corpus_id'], ['corpora.id'],
                             name=op.f('fk_jobs_corpus_id_corpora'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['validation_corpus_id'], ['corpora.id'],
@@ -96,7 +96,7 @@ def upgrade() -> None:
     sa.Column('prompt_format', sa.String(length=20), nullable=True),
     sa.Column('parent_id', sa.String(length=40), nullable=True),
     sa.Column('source', sa.String(length=20), nullable=False),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'],
                             name=op.f('fk_checkpoints_job_id_jobs'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['parent_id'], ['checkpoints.id'],
@@ -113,7 +113,7 @@ def upgrade() -> None:
     op.create_table('job_events',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('job_id', sa.String(length=40), nullable=False),
-    sa.Column('time', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('time', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.Column('level', sa.String(length=10), nullable=False),
     sa.Column('type', sa.String(length=30), nullable=False),
     sa.Column('message', sa.Text(), nullable=False),
@@ -131,7 +131,7 @@ def upgrade() -> None:
     sa.Column('step', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=50), nullable=False),
     sa.Column('value', sa.Float(), nullable=False),
-    sa.Column('time', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('time', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_metrics_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_metrics')),
     sa.UniqueConstraint('job_id', 'name', 'step', name='uq_metrics_job_name_step')
@@ -141,8 +141,8 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=100), nullable=False),
     sa.Column('checkpoint_id', sa.String(length=40), nullable=False),
     sa.Column('is_default', sa.Boolean(), nullable=False),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['checkpoint_id'], ['checkpoints.id'],
                             name=op.f('fk_deployments_checkpoint_id_checkpoints'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_deployments')),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import core.db
 
 revision: str = '0002'
 down_revision: str | None = '0001'
@@ -27,8 +27,8 @@ def upgrade() -> None:
     sa.Column('settings', sa.JSON(), nullable=False),
     sa.Column('metrics', sa.JSON(), nullable=True),
     sa.Column('details', sa.JSON(), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', app.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', core.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['checkpoint_id'], ['checkpoints.id'],
                             name=op.f('fk_evaluations_checkpoint_id_checkpoints'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['corpus_id'], ['corpora.id'],

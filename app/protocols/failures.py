@@ -1,0 +1,30 @@
+"""How a serving failure is answered: one status per failure, whatever the protocol. Each protocol words
+its own body (TGI's `{error, error_type}`, OpenAI's `{"error": {...}}`) and its own validation status."""
+
+from typing import NamedTuple
+
+from serving.client import GenerationFailed, Overloaded
+from serving.deployments import NotServing
+
+RETRY_AFTER_S = 1  # told to a client that finds the engine full
+
+
+class Failure(NamedTuple):
+    status: int | None  # None: the protocol's status for a request it refuses (TGI 422, OpenAI 400)
+    kind: str  # not_found, unavailable, validation, overloaded or generation
+    message: str
+
+
+NOT_SERVING = {NotServing.Reason.MISSING: (404, "not_found"), NotServing.Reason.NO_DEFAULT: (503, "unavailable"),
+               NotServing.Reason.LOADING: (503, "unavailable"), NotServing.Reason.WRONG_TASK: (None, "validation")}
+
+
+def failure_of(error: Exception) -> Failure | None:
+    """The answer to a serving error, or None for an exception that is not one."""
+    if isinstance(error, NotServing):
+        return Failure(*NOT_SERVING[error.reason], error.message)
+    if isinstance(error, Overloaded):
+        return Failure(429, "overloaded", f"the model is overloaded: {error}")
+    if isinstance(error, GenerationFailed):
+        return Failure(424, "generation", str(error))
+    return None

@@ -1,0 +1,52 @@
+"""The checkpoint registry: the database's index of checkpoint directories.
+
+A checkpoint's own metadata (config.json, as model.read_metadata returns it) is the truth: task, labels,
+prompt format, tokenizer, architecture, step and metrics. The row is made from it, here and nowhere else,
+for a training job's checkpoints, imported weights and the tests' and benchmarks' models alike.
+"""
+
+import shutil
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from core.enums import CheckpointSource
+from core.errors import Conflict
+from core.jobs import ACTIVE
+from core.storage import DataDir
+from core.tables import Checkpoint, Deployment, Evaluation, Job
+
+
+def register_checkpoint(session: Session, storage: DataDir, directory: Path, meta: dict, *,
+                        job_id: str | None = None, checkpoint_id: str | None = None) -> Checkpoint:
+    """Add the row of the checkpoint in directory (inside the data dir) whose metadata is meta."""
+    checkpoint = Checkpoint(id=checkpoint_id, job_id=job_id, step=meta.get("step", 0), path=storage.relative(directory),
+                            size_bytes=sum(f.stat().st_size for f in directory.iterdir()), task=meta["task"],
+                            label_names=meta.get("label_names"), metrics=dict(meta.get("metrics") or {}),
+                            model_config=meta["model"], tokenizer_type=meta["tokenizer"]["type"],
+                            prompt_format=meta.get("prompt_format"), parent_id=meta.get("parent"),
+                            source=meta.get("source", CheckpointSource.TRAINING))
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def delete_checkpoint(session: Session, storage: DataDir, checkpoint: Checkpoint) -> None:
+    """Remove an unused checkpoint's row and files; Conflict names what still uses it."""
+    deployed = session.scalars(select(Deployment.name).where(Deployment.checkpoint_id == checkpoint.id)).all()
+    if deployed:
+        raise Conflict(f"checkpoint {checkpoint.id} is deployed as {', '.join(deployed)}", param="checkpoint_id")
+    evaluating = select(Evaluation.job_id).where(Evaluation.checkpoint_id == checkpoint.id)
+    users = session.scalars(select(Job.id).where(
+        Job.status.in_(ACTIVE),
+        or_(Job.base_checkpoint_id == checkpoint.id, Job.id == checkpoint.job_id, Job.id.in_(evaluating)))).all()
+    if users:
+        raise Conflict(f"checkpoint {checkpoint.id} is in use by queued or running job(s) {', '.join(users)}",
+                       param="checkpoint_id")
+    if session.scalars(select(Job.id).where(Job.base_checkpoint_id == checkpoint.id).limit(1)).first():
+        raise Conflict(f"checkpoint {checkpoint.id} is the base of finished jobs; it is kept as their record",
+                       param="checkpoint_id")
+    session.delete(checkpoint)
+    session.commit()
+    shutil.rmtree(storage.checkpoint_dir(checkpoint.path), ignore_errors=True)

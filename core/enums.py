@@ -1,0 +1,39 @@
+"""The enumerations the service stores and speaks, each defined once; the API's schemas derive from them."""
+
+from enum import StrEnum
+
+
+class CorpusKind(StrEnum):
+    TEXT = "text"
+    CLASSIFICATION = "classification"
+    INSTRUCTION = "instruction"
+
+
+class CheckpointTask(StrEnum):
+    """What a checkpoint's model predicts (model.checkpoint.TASKS spells the same in the library)."""
+
+    LM = "lm"
+    CLASSIFIER = "classifier"
+
+
+class CheckpointSource(StrEnum):
+    TRAINING = "training"
+    IMPORT = "import"
+
+
+class EvaluationKind(StrEnum):
+    LM = "lm"  # a language model on text
+    CLASSIFIER = "classifier"  # a classifier on labelled texts
+    INSTRUCT = "instruct"  # an instruction model on instructions
+
+
+class KeyScope(StrEnum):
+    """API key scopes, each allowing what the ones before it allow."""
+
+    READ = "read"
+    TRAIN = "train"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(KeyScope).index(self)

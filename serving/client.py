@@ -1,0 +1,178 @@
+"""The asyncio client of the engines: it admits a request to a deployment's engine, delivers the events
+the engine thread produces onto the event loop, and turns every way an engine can fail into one of its
+errors. The protocol adapters (TGI, OpenAI, classify) translate shapes around it; none of them touches an
+engine. Tokenizing and classifying run off the event loop.
+"""
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from core.enums import CheckpointTask
+from model import SamplingParams, StreamEvent, encode_classification
+from serving.deployments import DeploymentManager, Served
+from serving.engine import Engine, QueueFull
+from serving.engine import Request as EngineRequest
+from serving.metrics import ServingMetrics
+
+
+class Overloaded(Exception):
+    """The engine is full: every slot busy and the queue at its limit."""
+
+
+class GenerationFailed(Exception):
+    """The engine failed while generating, or no token came in time."""
+
+
+class PromptTooLong(Exception):
+    """A prompt (or the input-th text to classify) holds more tokens than the model's context allows."""
+
+    def __init__(self, n_tokens: int, context_length: int, input_index: int | None = None):
+        super().__init__(f"{n_tokens} tokens; the context is {context_length}")
+        self.n_tokens, self.context_length, self.input_index = n_tokens, context_length, input_index
+
+
+def pick_seed(seed: int | None) -> int:
+    """The request's seed, or a random one: every sampled answer can be reproduced with the seed it reports."""
+    return seed if seed is not None else secrets.randbits(32)
+
+
+class _Stream:
+    """One sequence admitted to an engine, its events arriving on the event loop that admitted it."""
+
+    def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, params: SamplingParams,
+                 stop: tuple[str, ...], seed: int | None, eos_id: int | None, metrics: ServingMetrics,
+                 deployment: str):
+        self.time_to_first_token = metrics.time_to_first_token.labels(deployment)
+        self.inter_token_latency = metrics.inter_token_latency.labels(deployment)
+        self.tokens_generated = metrics.tokens_generated.labels(deployment)
+        self.last_event_at = time.monotonic()
+        self.first = True
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(event) -> None:  # on the engine thread
+            # a closed loop (its server stopped) has nobody left to tell; the engine must go on with the others
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        self.request = EngineRequest(prompt, max_new_tokens, params, deliver, eos_id=eos_id, stop=stop, seed=seed)
+        try:
+            engine.submit(self.request)
+        except QueueFull as e:
+            raise Overloaded(str(e)) from None
+
+    async def next_event(self, timeout_s: float) -> StreamEvent:
+        try:
+            # asyncio.timeout, not wait_for: no task created per token
+            async with asyncio.timeout(timeout_s):
+                event = await self.events.get()
+        except TimeoutError:
+            self.request.abort()
+            raise GenerationFailed(f"no token within {timeout_s:.0f} s") from None
+        if isinstance(event, Exception):
+            raise GenerationFailed(f"generation failed: {event}")
+        now = time.monotonic()
+        (self.time_to_first_token if self.first else self.inter_token_latency).observe(now - self.last_event_at)
+        self.tokens_generated.inc()
+        self.first, self.last_event_at = False, now
+        return event
+
+
+class Generation:
+    """The n sequences of one request, admitted together (or not at all); abort() ends those still running,
+    and is a no-op for finished ones: call it when the client goes away and when the answer is complete."""
+
+    def __init__(self, streams: list[_Stream], prompt_tokens: int, timeout_s: float):
+        self.streams, self.prompt_tokens, self.timeout_s = streams, prompt_tokens, timeout_s
+        self.completion_tokens = 0
+
+    async def events(self) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """(sequence index, event) as they come, every sequence to its end."""
+        if len(self.streams) == 1:  # the common case, without a task per token
+            stream, event = self.streams[0], None
+            while event is None or event.finish_reason is None:
+                event = await stream.next_event(self.timeout_s)
+                self.completion_tokens += 1
+                yield 0, event
+            return
+        pending = {asyncio.ensure_future(s.next_event(self.timeout_s)): i for i, s in enumerate(self.streams)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    event = future.result()
+                    self.completion_tokens += 1
+                    yield index, event
+                    if event.finish_reason is None:
+                        pending[asyncio.ensure_future(self.streams[index].next_event(self.timeout_s))] = index
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def abort(self) -> None:
+        for stream in self.streams:
+            stream.request.abort()
+
+
+@dataclass
+class Classified:
+    probabilities: torch.Tensor  # [N, classes]
+    label_names: list[str]
+    n_tokens: int
+
+
+class EngineClient:
+    def __init__(self, deployments: DeploymentManager, metrics: ServingMetrics, timeout_s: float):
+        self.deployments, self.metrics, self.timeout_s = deployments, metrics, timeout_s
+
+    def serving(self, name: str | None, task: CheckpointTask) -> Served:
+        """The loaded deployment of that name (None: the default one) serving this task, or NotServing."""
+        return self.deployments.serving(name, task)
+
+    async def encode(self, served: Served, text: str) -> list[int]:
+        return await asyncio.to_thread(served.current.tokenizer.encode, text, allow_special=False)
+
+    def generate(self, served: Served, prompt: list[int], max_new_tokens: int | None, params: SamplingParams,
+                 stop: tuple[str, ...] = (), seed: int | None = None, n: int = 1) -> Generation:
+        """Admit n sequences continuing prompt (seeded seed, seed + 1, ...); max_new_tokens None: up to the
+        context. PromptTooLong when no token fits after the prompt, Overloaded when the engine is full."""
+        loaded = served.current
+        context = loaded.engine.context_length
+        if len(prompt) >= context:
+            raise PromptTooLong(len(prompt), context)
+        streams: list[_Stream] = []
+        try:
+            for i in range(n):
+                streams.append(_Stream(loaded.engine, prompt, max_new_tokens or context - len(prompt), params, stop,
+                                       None if seed is None else seed + i, loaded.tokenizer.eot_id, self.metrics,
+                                       served.name))
+        except Overloaded:
+            for stream in streams:
+                stream.request.abort()
+            raise
+        return Generation(streams, len(prompt), self.timeout_s)
+
+    async def classify(self, served: Served, texts: list[str], truncate: bool) -> Classified:
+        """Every class's probability for each text, in one batch; PromptTooLong names the first text too long
+        for the context unless truncate."""
+        loaded = served.current
+        context = loaded.model.config.context_length
+
+        def run() -> Classified:
+            encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
+            too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
+            if too_long is not None and not truncate:
+                raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)
+            ids, lengths = encode_classification(texts, loaded.tokenizer, max_length=context,
+                                                pad_id=loaded.tokenizer.eot_id)
+            probabilities = loaded.model.predict_proba(ids[:, : int(lengths.max())], lengths)
+            return Classified(probabilities, loaded.meta["label_names"], sum(min(len(i), context) for i in encoded))
+
+        return await asyncio.to_thread(run)

@@ -1,0 +1,193 @@
+"""Which checkpoint each deployment serves, in this API process: one inference engine per loaded checkpoint.
+
+The deployments table is the truth and every API process follows it, so a change made through one replica
+reaches the others within a sync interval. Switching a deployment loads the new checkpoint in the
+background; requests keep going to the old engine until the new one is ready, and in-flight streams
+finish on the engine they started on. If the new checkpoint fails to load, the old one stays served and
+the deployment shows why.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sqlalchemy import select
+
+from core.db import Database
+from core.enums import CheckpointTask
+from core.storage import DataDir
+from core.tables import Checkpoint, Deployment
+from model import load_checkpoint, merge_lora
+from model.linear import pack_linears
+from serving.engine import Engine
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 300  # an old engine is stopped once its streams end, or after this
+
+
+class DeploymentState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class Loaded:
+    checkpoint_id: str
+    engine: Engine | None  # None for classifiers: they run on the request's thread pool
+    model: object
+    tokenizer: object
+    meta: dict
+    prompt_format: str | None
+
+
+@dataclass
+class Served:
+    name: str
+    checkpoint_id: str  # what the table says it should serve
+    is_default: bool
+    state: DeploymentState = DeploymentState.LOADING
+    error: str | None = None
+    current: Loaded | None = None  # what it serves now (the previous checkpoint while a new one loads)
+    loading_id: str | None = None
+    retired: list[Loaded] = field(default_factory=list)
+
+
+class NotServing(Exception):
+    """A request for a deployment that cannot be answered now; the API gives each reason its status."""
+
+    class Reason(StrEnum):
+        MISSING = "missing"  # no deployment of that name
+        NO_DEFAULT = "no_default"  # no name given, and no default deployment
+        LOADING = "loading"  # its checkpoint is not loaded (yet, or it failed to load)
+        WRONG_TASK = "wrong_task"  # it serves a classifier to a generation request, or the other way round
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class DeploymentManager:
+    def __init__(self, database: Database, storage: DataDir, max_batch: int, max_queue: int,
+                 metrics: ServingMetrics):
+        self.database, self.storage, self.metrics = database, storage, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.served: dict[str, Served] = {}
+        self.retiring: list[tuple[Loaded, float]] = []  # engines replaced, finishing their streams
+        self._lock = threading.Lock()
+
+    def sync(self) -> None:
+        """Bring this process in line with the deployments table (called periodically and after changes)."""
+        with self.database.session() as session:
+            rows = session.execute(select(Deployment.name, Deployment.checkpoint_id, Deployment.is_default,
+                                          Checkpoint.path, Checkpoint.prompt_format)
+                                   .join(Checkpoint, Checkpoint.id == Deployment.checkpoint_id)).all()
+        wanted = {name: (checkpoint_id, is_default, path, prompt_format)
+                  for name, checkpoint_id, is_default, path, prompt_format in rows}
+        with self._lock:
+            for name in set(self.served) - set(wanted):
+                self._retire(self.served.pop(name).current)
+            for name, (checkpoint_id, is_default, path, prompt_format) in wanted.items():
+                served = self.served.get(name)
+                if served is None:
+                    served = self.served[name] = Served(name, checkpoint_id, is_default)
+                served.is_default = is_default
+                already = served.current is not None and served.current.checkpoint_id == checkpoint_id
+                if already or served.loading_id == checkpoint_id or (
+                        served.state == DeploymentState.FAILED and served.checkpoint_id == checkpoint_id):
+                    continue
+                served.checkpoint_id, served.loading_id, served.error = checkpoint_id, checkpoint_id, None
+                served.state = DeploymentState.LOADING if served.current is None else served.state
+                threading.Thread(target=self._load, args=(served, checkpoint_id, path, prompt_format),
+                                 name=f"load-{name}", daemon=True).start()
+            self._stop_drained()
+
+    def _load(self, served: Served, checkpoint_id: str, path: str, prompt_format: str | None) -> None:
+        try:
+            model, tokenizer, meta = load_checkpoint(self.storage.checkpoint_dir(path))
+            merge_lora(model)
+            engine = None
+            if meta["task"] == CheckpointTask.LM:
+                engine = Engine(model, tokenizer, self.max_batch, self.max_queue).start()
+            else:
+                pack_linears(model)  # classification runs batches of texts
+            loaded = Loaded(checkpoint_id, engine, model, tokenizer, meta, prompt_format)
+        except Exception as e:  # any failure to load leaves the previous checkpoint served
+            log.exception("deployment %s: loading checkpoint %s failed", served.name, checkpoint_id)
+            self.metrics.load_failures.labels(served.name).inc()
+            with self._lock:
+                if served.loading_id == checkpoint_id:
+                    served.loading_id, served.error = None, f"loading checkpoint {checkpoint_id} failed: {e}"
+                    served.state = DeploymentState.FAILED if served.current is None else DeploymentState.READY
+            return
+        with self._lock:
+            if served.loading_id != checkpoint_id or self.served.get(served.name) is not served:
+                self._retire(loaded)  # superseded while it loaded
+                return
+            self._retire(served.current)
+            served.current, served.loading_id, served.state, served.error = loaded, None, DeploymentState.READY, None
+
+    def _retire(self, loaded: Loaded | None) -> None:
+        if loaded is not None and loaded.engine is not None:
+            self.retiring.append((loaded, time.monotonic()))
+
+    def _stop_drained(self) -> None:
+        keep = []
+        for loaded, since in self.retiring:
+            if loaded.engine.load == (0, 0) or time.monotonic() - since > DRAIN_TIMEOUT_S:
+                threading.Thread(target=loaded.engine.stop, daemon=True).start()
+            else:
+                keep.append((loaded, since))
+        self.retiring = keep
+
+    def get(self, name: str | None) -> Served | None:
+        with self._lock:
+            if name is None:
+                return next((s for s in self.served.values() if s.is_default), None)
+            return self.served.get(name)
+
+    def all(self) -> list[Served]:
+        with self._lock:
+            return list(self.served.values())
+
+    def engines(self) -> list[tuple[str, Engine]]:
+        """(deployment name, engine) of every language model served now."""
+        return [(s.name, s.current.engine) for s in self.all() if s.current is not None and s.current.engine]
+
+    def serving(self, name: str | None, task: CheckpointTask) -> Served:
+        """The deployment (the default one without a name), loaded, and serving a model of this task."""
+        served = self.get(name)
+        if served is None:
+            if name is None:
+                raise NotServing(NotServing.Reason.NO_DEFAULT, "no default deployment")
+            raise NotServing(NotServing.Reason.MISSING, f"no deployment named {name!r}")
+        if served.current is None:
+            raise NotServing(NotServing.Reason.LOADING, served.error or f"deployment {served.name} is still loading "
+                                                                       f"checkpoint {served.checkpoint_id}")
+        if served.current.meta["task"] != task:
+            other = "/classify" if task == CheckpointTask.LM else "/generate or /v1/completions"
+            kind = "a classifier" if task == CheckpointTask.LM else "a language model"
+            raise NotServing(NotServing.Reason.WRONG_TASK, f"deployment {served.name} serves {kind}: use {other}")
+        return served
+
+    def stop(self) -> None:
+        with self._lock:
+            for served in self.served.values():
+                if served.current is not None and served.current.engine is not None:
+                    served.current.engine.stop()
+            for loaded, _ in self.retiring:
+                loaded.engine.stop()
+
+
+async def follow_deployments(manager: DeploymentManager, settings) -> None:
+    """Keep this process's engines in line with the table, whichever API process changed it."""
+    while True:
+        try:
+            await asyncio.to_thread(manager.sync)
+        except Exception:  # the database is away for a moment: try again next round
+            log.exception("syncing deployments failed")
+        await asyncio.sleep(settings.deployment_sync_interval_s)

@@ -1,0 +1,221 @@
+"""A continuous-batching inference engine for one model, on its own thread.
+
+Requests join the running batch at any decode step and leave it when they finish. Each request has its
+own slot in a shared KV cache, its own sampling parameters, seed, stop strings and token budget. A new
+request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
+sequences already running for long. Events are handed to each request's callback on the engine thread.
+"""
+
+import heapq
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import Decoder, make_generators
+from model.gpt import GPT
+from model.sampling import SamplingParams, next_token
+from model.streaming import StreamEvent, TextStream, token_event
+
+PREFILL_CHUNK = 128  # prompt tokens prefilled per engine iteration
+
+
+class QueueFull(Exception):
+    """The engine holds as many waiting requests as it may: try again later."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    on_event: Callable[[StreamEvent | Exception], None]
+    eos_id: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    aborted: bool = False
+    # engine state
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # of the next token, once the prompt is prefilled
+
+    def abort(self) -> None:
+        """Stop generating for this request at the next engine iteration (client gone, timeout)."""
+        self.aborted = True
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
+        self.model = model.eval()
+        if max_batch > 1:
+            model.pack_for_batches()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.decoder = Decoder(model, max_batch)
+        self.free_slots = list(range(max_batch))  # a heap
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.wakeup = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+        self.decode_steps = 0
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopped = True
+            self.wakeup.notify()
+        self.thread.join()
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.cache.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.cache.k.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    @property
+    def capacity(self) -> int:
+        """Requests it holds at once: decoding and waiting."""
+        return self.max_batch + self.max_queue
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting requests, running sequences)."""
+        return len(self.waiting), len(self.running)
+
+    def submit(self, request: Request) -> Request:
+        if not request.prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if request.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if len(request.prompt) + 1 > self.context_length:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context length "
+                             f"{self.context_length}")
+        with self.wakeup:
+            if self.stopped:
+                raise RuntimeError("the engine is stopped")
+            # a request waits in the queue only while no slot is free for it
+            if len(self.waiting) >= self.max_queue + len(self.free_slots):
+                raise QueueFull(f"all {self.max_batch} sequences are running and {len(self.waiting)} requests "
+                                f"are waiting")
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wakeup:
+                while not self.stopped and not self.waiting and not self.running:
+                    self.wakeup.wait()
+                if self.stopped:
+                    break
+                self._admit()
+            with torch.inference_mode():
+                try:
+                    self._prefill_step()
+                    self._decode_step()
+                except Exception as e:  # a fault of the engine: every request in flight learns of it
+                    for request in self.running:
+                        request.on_event(e)
+                        self._release(request)
+                    self.running = []
+        for request in [*self.running, *self.waiting]:
+            request.on_event(RuntimeError("the engine stopped"))
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            if request.aborted:
+                continue
+            request.slot = heapq.heappop(self.free_slots)  # the lowest: rows stay in slots 0..B-1
+            request.text = TextStream(self.tokenizer, request.stop)
+            request.generator = (make_generators(request.seed, 1, self.device) or [None])[0]
+            self.decoder.cache.lengths[request.slot] = 0
+            self.running.append(request)
+
+    def _release(self, request: Request) -> None:
+        heapq.heappush(self.free_slots, request.slot)
+
+    def _prefill_step(self) -> None:
+        """Advance the prompt of one request that is still being prefilled, by one chunk."""
+        for request in self.running:
+            if request.logits is None and not request.aborted:
+                chunk = request.prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
+                idx = torch.tensor([chunk], device=self.device)
+                logits = self.decoder.logits(idx, torch.tensor([request.slot], device=idx.device))
+                request.prefilled += len(chunk)
+                if request.prefilled == len(request.prompt):
+                    request.logits = logits
+                return
+
+    def _decode_step(self) -> None:
+        ready = []
+        for request in list(self.running):
+            if request.aborted:
+                self._finish(request, None)
+            elif request.logits is not None:
+                ready.append(request)
+        if not ready:
+            return
+        logits = torch.cat([request.logits for request in ready])  # [B, V]
+        chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row without a repetition penalty
+        for row, request in enumerate(ready):
+            if request.params.greedy and not request.params.uses_history:
+                continue
+            seen = (torch.tensor([request.prompt + request.generated], device=logits.device)
+                    if request.params.uses_history else None)
+            generators = None if request.generator is None else [request.generator]
+            chosen[row] = next_token(logits[row: row + 1], request.params, seen, generators)[0]
+        scores = logits.float()
+        logprobs = (scores.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).tolist()
+        tokens = chosen.tolist()
+        continuing = []
+        for request, token, logprob in zip(ready, tokens, logprobs, strict=True):
+            if self._emit(request, token, logprob):
+                continuing.append((request, token))
+        if not continuing:
+            return
+        # rows in slot order; when they fill slots 0..B-1 the cache is read in place
+        continuing.sort(key=lambda pair: pair[0].slot)
+        idx = torch.tensor([[t] for _, t in continuing], device=self.device)
+        in_order = [r.slot for r, _ in continuing] == list(range(len(continuing)))
+        slots = None if in_order else torch.tensor([r.slot for r, _ in continuing], device=idx.device)
+        logits = self.decoder.logits(idx, slots)
+        for row, (request, _) in enumerate(continuing):
+            request.logits = logits[row: row + 1]
+        self.decode_steps += 1
+
+    def _emit(self, request: Request, token: int, logprob: float) -> bool:
+        """Hand the token to the request; False when the request has finished."""
+        if token != request.eos_id:
+            request.generated.append(token)
+        tokens_left = min(request.max_new_tokens - len(request.generated),
+                          self.context_length - len(request.prompt) - len(request.generated))
+        event = token_event(request.text, token, request.eos_id, tokens_left, logprob)
+        if event.finish_reason is not None:
+            self._finish(request, event)
+            return False
+        request.on_event(event)
+        return True
+
+    def _finish(self, request: Request, event: StreamEvent | None) -> None:
+        self.running.remove(request)
+        self._release(request)
+        if event is not None:
+            request.on_event(event)

@@ -1,0 +1,75 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def start_up(tmp_path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRATCHLLM_")}
+    env["SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S"] = "5"
+    up = subprocess.Popen([sys.executable, "-m", "scratchllm", "up", "--port", str(port), "--data-dir",
+                           str(tmp_path / "data")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as response:
+                assert response.status == 200
+                return up
+        except OSError:
+            assert time.monotonic() < deadline and up.poll() is None, "the service did not come up"
+            time.sleep(0.5)
+
+
+def wait_gone(pids: list[int], timeout_s: float = 20) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(alive(p) for p in pids)
+
+
+def worker_processes(up: subprocess.Popen) -> list[int]:
+    deadline = time.monotonic() + 20
+    while not (workers := children_of(up.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers, "no worker child process"
+    return workers + [c for w in workers for c in children_of(w)]
+
+
+def test_up_serves_with_a_worker_and_ctrl_c_leaves_nothing_running(tmp_path):
+    up = start_up(tmp_path, 18000 + os.getpid() % 1000)
+    try:
+        assert (tmp_path / "data" / "scratchllm.db").is_file()
+        descendants = worker_processes(up)
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)
+        assert wait_gone(descendants)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.wait()
+
+
+def test_the_worker_dies_with_a_killed_parent(tmp_path):
+    up = start_up(tmp_path, 19000 + os.getpid() % 1000)
+    descendants = worker_processes(up)
+    up.kill()
+    up.wait()
+    assert wait_gone(descendants)

@@ -1,0 +1,270 @@
+"""The whole training flow against real components: a Celery worker subprocess with PostgreSQL + Redis,
+and again in embedded mode with SQLite + the filesystem broker."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.main import create_app
+from core.db import Database
+from core.migrate import upgrade
+from core.settings import Settings
+from core.tables import Metric
+
+JOB_TIMEOUT_S = 180
+
+
+class Service:
+    def __init__(self, settings: Settings, env: dict[str, str], client: TestClient):
+        self.settings, self.env, self.client = settings, env, client
+        self.workers: list[subprocess.Popen] = []
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = subprocess.Popen([sys.executable, "-m", "scratchllm", "worker"], env=self.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.workers.append(worker)
+        return worker
+
+    def kill_worker(self, worker: subprocess.Popen) -> None:
+        os.killpg(worker.pid, signal.SIGKILL)  # the pool child too: nothing gets to clean up
+        worker.wait()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+
+    def upload(self, path, kind: str, content: bytes | None = None, filename: str | None = None) -> str:
+        response = self.client.post("/v1/corpora", data={"kind": kind},
+                                    files={"file": (filename or path.name, content or path.read_bytes())})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def submit(self, **request) -> dict:
+        response = self.client.post("/v1/jobs", json=request)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict:
+        return self.client.get(f"/v1/jobs/{job_id}").json()
+
+    def wait_for(self, job_id: str, condition, timeout_s: float = JOB_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if condition(job):
+                return job
+            if job["status"] == "failed":
+                raise AssertionError(f"job failed: {job['error']}")
+            time.sleep(0.3)
+        raise AssertionError(f"timed out; job is {self.job(job_id)}")
+
+    def wait_until_done(self, job_id: str) -> dict:
+        return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "cancelled"))
+
+
+@pytest.fixture(params=["postgresql+redis", "embedded"])
+def service(request, tmp_path):
+    if request.param == "embedded":
+        database_url, broker_url = f"sqlite:///{tmp_path / 'data' / 'scratchllm.db'}", None
+    else:
+        database_url, broker_url = request.getfixturevalue("postgres_url"), "redis://127.0.0.1:6379/0"
+    env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(tmp_path / "data"), "SCRATCHLLM_DATABASE_URL": database_url,
+           "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}",  # tests never share a queue
+           "SCRATCHLLM_HEARTBEAT_INTERVAL_S": "0.5", "SCRATCHLLM_HEARTBEAT_TIMEOUT_S": "4",
+           "SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S": "10"}
+    if broker_url:
+        env["SCRATCHLLM_BROKER_URL"] = broker_url
+    else:
+        env.pop("SCRATCHLLM_BROKER_URL", None)
+    settings = Settings(**{k.removeprefix("SCRATCHLLM_").lower(): v for k, v in env.items()
+                           if k.startswith("SCRATCHLLM_")})
+    settings.data_dir.mkdir(parents=True)
+    upgrade(database_url)
+    with TestClient(create_app(settings)) as client:
+        running = Service(settings, env, client)
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def pretrain_request(corpus_id: str, **hyperparameters) -> dict:
+    return {"type": "pretrain", "corpus_id": corpus_id, "model": {"preset": "nano", "context_length": 64},
+            "tokenizer": "gpt2", "seed": 1,
+            "hyperparameters": {"max_steps": 20, "batch_size": 4, "learning_rate": 0.003, "eval_interval": 10,
+                                "eval_batches": 2, "checkpoint_interval": 10, **hyperparameters}}
+
+
+def metric_rows(settings: Settings, job_id: str, name: str) -> int:
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:
+        count = session.scalar(select(func.count()).where(Metric.job_id == job_id, Metric.name == name))
+    database.dispose()
+    return count
+
+
+def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, shared_data):
+    service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict))
+    assert job["status"] == "queued" and job["progress"]["total_steps"] == 20
+    done = service.wait_until_done(job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["step"] == 20 and done["progress"]["tokens_seen"] == 20 * 4 * 64
+    assert done["progress"]["val_loss"] is not None and done["started_at"] and done["finished_at"]
+    train_loss = service.client.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "train_loss"}).json()["data"]
+    assert [p["step"] for p in train_loss] == list(range(1, 21))
+    assert train_loss[-1]["value"] < train_loss[0]["value"]
+    val_loss = service.client.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "val_loss"}).json()["data"]
+    assert [p["step"] for p in val_loss] == [10, 20]
+    checkpoints = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    assert [c["step"] for c in checkpoints] == [20, 10] and all(c["task"] == "lm" for c in checkpoints)
+    events = service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["type"] for e in events if e["type"] == "status"] == ["status"] * 3  # queued, running, succeeded
+    stream = service.client.get(f"/v1/jobs/{job['id']}/events/stream").text
+    assert stream.rstrip().endswith('data: {"status": "succeeded"}') and "checkpoint at step 10" in stream
+
+    sms = b"\n".join((shared_data / "SMSSpamCollection.tsv").read_bytes().split(b"\n")[:120])
+    spam = service.upload(None, "classification", sms, "sms.tsv")
+    classifier = service.submit(type="finetune_classifier", corpus_id=spam, base_checkpoint_id=checkpoints[0]["id"],
+                                hyperparameters={"max_steps": 8, "batch_size": 8, "eval_interval": 4,
+                                                 "checkpoint_interval": 0, "max_length": 64})
+    done = service.wait_until_done(classifier["id"])
+    assert done["status"] == "succeeded", done
+    [checkpoint] = service.client.get("/v1/checkpoints", params={"job_id": classifier["id"]}).json()["data"]
+    assert checkpoint["task"] == "classifier" and checkpoint["label_names"] == ["ham", "spam"]
+    assert checkpoint["parent_id"] == checkpoints[0]["id"] and "val_accuracy" in checkpoint["metrics"]
+
+    records = json.loads((shared_data / "instruction-data.json").read_text())[:30]
+    instructions = service.upload(None, "instruction", json.dumps(records).encode(), "alpaca.json")
+    instruct = service.submit(type="finetune_instruct", corpus_id=instructions,
+                              base_checkpoint_id=checkpoints[0]["id"], lora={"rank": 4, "alpha": 8},
+                              hyperparameters={"max_steps": 6, "batch_size": 4, "eval_interval": 3,
+                                               "checkpoint_interval": 0})
+    done = service.wait_until_done(instruct["id"])
+    assert done["status"] == "succeeded", done
+    [checkpoint] = service.client.get("/v1/checkpoints", params={"job_id": instruct["id"]}).json()["data"]
+    assert checkpoint["task"] == "lm" and checkpoint["prompt_format"] == "alpaca"
+
+
+def test_evaluate_a_training_jobs_checkpoints_on_its_validation_corpus(service, shared_data):
+    service.start_worker()
+    text = (shared_data / "the-verdict.txt").read_text()
+    train = service.upload(None, "text", text[:18000].encode(), "train.txt")
+    validation = service.upload(None, "text", text[18000:].encode(), "validation.txt")
+    job = service.submit(**pretrain_request(train), validation_corpus_id=validation)
+    assert service.wait_until_done(job["id"])["status"] == "succeeded"
+    checkpoints = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    evaluations = []
+    for checkpoint in checkpoints:
+        response = service.client.post("/v1/evaluations", json={"checkpoint_id": checkpoint["id"],
+                                                                "corpus_id": validation, "block_size": 64})
+        assert response.status_code == 201, response.text
+        evaluations.append(response.json())
+    for evaluation in evaluations:
+        assert service.wait_until_done(evaluation["job_id"])["status"] == "succeeded"
+
+    link = service.job(job["id"])["links"]["evaluations"]
+    assert link == f"/v1/evaluations?training_job_id={job['id']}&corpus_id={validation}"
+    linked = service.client.get(link).json()["data"]
+    assert sorted(e["id"] for e in linked) == sorted(e["id"] for e in evaluations)
+    assert all(e["status"] == "succeeded" and e["metrics"]["bytes"] == len(text[18000:].encode()) for e in linked)
+    table = service.client.get("/v1/evaluations/compare", params={"corpus_id": validation}).json()
+    assert table["comparable"] and {row["checkpoint_step"] for row in table["rows"]} == {10, 20}
+    assert all(row["training_job_id"] == job["id"] for row in table["rows"])
+    by_step = {row["checkpoint_step"]: row["metrics"]["loss"] for row in table["rows"]}
+    assert table["best"]["loss"] == next(row["evaluation_id"] for row in table["rows"]
+                                         if row["metrics"]["loss"] == min(by_step.values()))
+
+    records = json.loads((shared_data / "instruction-data.json").read_text())[:12]
+    instructions = service.upload(None, "instruction", json.dumps(records[:8]).encode(), "train.json")
+    held_out = service.upload(None, "instruction", json.dumps(records[8:]).encode(), "held-out.json")
+    instruct = service.submit(type="finetune_instruct", corpus_id=instructions, base_checkpoint_id=checkpoints[0]["id"],
+                              lora={"rank": 4, "alpha": 8},
+                              hyperparameters={"max_steps": 2, "batch_size": 4, "checkpoint_interval": 0})
+    assert service.wait_until_done(instruct["id"])["status"] == "succeeded"
+    [tuned] = service.client.get("/v1/checkpoints", params={"job_id": instruct["id"]}).json()["data"]
+    response = service.client.post("/v1/evaluations", json={"checkpoint_id": tuned["id"], "corpus_id": held_out,
+                                                            "max_new_tokens": 4})
+    assert response.status_code == 201, response.text
+    assert service.wait_until_done(response.json()["job_id"])["status"] == "succeeded"
+    evaluation = service.client.get(f"/v1/evaluations/{response.json()['id']}").json()
+    assert evaluation["kind"] == "instruct" and evaluation["metrics"]["examples"] == 4
+    assert evaluation["progress"] == {"step": 8, "total_steps": 8}  # 4 records scored, 4 answered
+
+
+def test_cancel_a_running_job_keeps_a_final_checkpoint(service, shared_data):
+    service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=100_000, checkpoint_interval=0))
+    service.wait_for(job["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 3)
+    asked = time.monotonic()
+    assert service.client.post(f"/v1/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
+    done = service.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout_s=30)
+    assert time.monotonic() - asked < 10
+    [checkpoint] = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    assert checkpoint["step"] == done["progress"]["step"]
+    response = service.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 409 and "already ended cancelled" in response.json()["error"]["message"]
+
+
+def test_a_queued_job_cancelled_never_starts(service, shared_data):
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict))
+    assert service.client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    later = service.submit(**pretrain_request(verdict, max_steps=2))
+    service.start_worker()
+    # one worker takes the messages in order: once it ran the later job, it has received the first and dropped it
+    assert service.wait_until_done(later["id"])["status"] == "succeeded"
+    after = service.job(job["id"])
+    assert after["status"] == "cancelled" and after["attempts"] == 0 and after["started_at"] is None
+
+
+def test_a_killed_worker_job_resumes_on_another_without_duplicate_metrics(service, shared_data):
+    first = service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=40, checkpoint_interval=5, eval_interval=0))
+    service.wait_for(job["id"], lambda j: j["progress"]["step"] >= 12)
+    service.kill_worker(first)
+    service.start_worker()
+    done = service.wait_until_done(job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    events = [e["message"] for e in service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert any("went silent" in m for m in events) and any(m.startswith("resumed from") for m in events)
+    assert metric_rows(service.settings, job["id"], "train_loss") == 40
+    steps = [p["step"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
+                                                    params={"name": "train_loss"}).json()["data"]]
+    assert steps == list(range(1, 41))
+
+
+def test_a_stopped_worker_hands_its_job_back_and_another_finishes_it(service, shared_data):
+    first = service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=60, checkpoint_interval=0, eval_interval=0))
+    service.wait_for(job["id"], lambda j: j["progress"]["step"] >= 5)
+    os.kill(first.pid, signal.SIGTERM)  # as docker stop or Ctrl-C does: a soft shutdown
+    first.wait(timeout=30)
+    handed_back = service.job(job["id"])
+    assert handed_back["status"] == "queued", handed_back
+    service.start_worker()
+    done = service.wait_until_done(job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    events = [e["message"] for e in service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert any(m.startswith("worker shutting down") for m in events)
+    assert any(m.startswith("resumed from") for m in events)
+    assert metric_rows(service.settings, job["id"], "train_loss") == 60

@@ -1,0 +1,119 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from model import GPT, SamplingParams, generate, gpt2_tokenizer
+from serving.engine import Engine, QueueFull, Request
+from tests.helpers import TINY_LM as CONFIG
+
+
+class Collector:
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if isinstance(event, Exception) or event.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [e.token_id for e in self.events]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(CONFIG).eval()
+
+
+@pytest.fixture
+def engine(model):
+    running = Engine(model, gpt2_tokenizer(), max_batch=3, max_queue=16).start()
+    yield running
+    running.stop()
+
+
+def test_concurrent_requests_match_one_by_one_generation(engine, model):
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (3, 17, 30, 1, 9)]
+    collectors = [Collector() for _ in prompts]
+    for prompt, collector in zip(prompts, collectors, strict=True):
+        engine.submit(Request(prompt, 12, SamplingParams(), collector))
+    for prompt, collector in zip(prompts, collectors, strict=True):
+        assert collector.done.wait(30)
+        alone = generate(model, torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+        assert collector.tokens == alone
+        assert collector.events[-1].finish_reason == "length"
+        assert [e.finish_reason for e in collector.events[:-1]] == [None] * 11
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    params = SamplingParams(temperature=1.0, top_k=50)
+    first, second, noise = Collector(), Collector(), Collector()
+    engine.submit(Request([1, 2, 3], 10, params, first, seed=5))
+    assert first.done.wait(30)
+    engine.submit(Request([7, 8, 9, 10, 11], 20, SamplingParams(temperature=1.0), noise, seed=1))
+    engine.submit(Request([1, 2, 3], 10, params, second, seed=5))
+    assert second.done.wait(30) and noise.done.wait(30)
+    assert first.tokens == second.tokens
+
+
+def test_abort_frees_the_slot_and_queue_limits(model):
+    engine = Engine(model, gpt2_tokenizer(), max_batch=3, max_queue=1)  # not started: nothing is admitted yet
+    long_running = [Collector() for _ in range(3)]
+    requests = [engine.submit(Request([5], 60, SamplingParams(), c)) for c in long_running]
+    waiting = [Collector() for _ in range(1)]
+    for collector in waiting:
+        engine.submit(Request([6], 5, SamplingParams(), collector))
+    with pytest.raises(QueueFull):
+        engine.submit(Request([6], 5, SamplingParams(), Collector()))
+    engine.start()
+    deadline = time.monotonic() + 30
+    while engine.load[1] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for request in requests:
+        request.abort()
+    deadline = time.monotonic() + 30
+    while engine.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.load == (0, 0)
+    assert all(c.events == [] or c.events[-1].finish_reason is None for c in long_running)
+    assert all(w.done.wait(30) and w.events[-1].finish_reason == "length" for w in waiting)
+    engine.stop()
+
+
+def test_stop_strings_and_eos_end_a_request(engine, model):
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("Hello")
+    full = Collector()
+    engine.submit(Request(prompt, 20, SamplingParams(temperature=1.0), full, seed=3))
+    assert full.done.wait(30)
+    text = "".join(e.text for e in full.events)
+    stop = text[4:7]
+    stopped = Collector()
+    engine.submit(Request(prompt, 20, SamplingParams(temperature=1.0), stopped, seed=3, stop=(stop,)))
+    assert stopped.done.wait(30)
+    assert stopped.events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in stopped.events) == text[: text.find(stop)]
+    eos = Collector()
+    tokens = full.tokens
+    first_new = next(i for i in range(1, 20) if tokens[i] not in tokens[:i])
+    engine.submit(Request(prompt, 20, SamplingParams(temperature=1.0), eos, seed=3, eos_id=tokens[first_new]))
+    assert eos.done.wait(30) and eos.events[-1].finish_reason == "eos"
+    assert eos.tokens[:-1] == tokens[:first_new]
+
+
+def test_requests_are_checked(engine):
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.submit(Request([], 5, SamplingParams(), Collector()))
+    with pytest.raises(ValueError, match="context length"):
+        engine.submit(Request(list(range(64)), 5, SamplingParams(), Collector()))
+
+
+def test_a_request_at_the_context_limit_finishes_with_length(engine):
+    collector = Collector()
+    engine.submit(Request(list(range(60)), 50, SamplingParams(), collector))
+    assert collector.done.wait(30)
+    assert len(collector.events) == 4 and collector.events[-1].finish_reason == "length"
