@@ -42,7 +42,7 @@ def _check_in(request: Request, session, settings, needed: KeyScope) -> ApiKey |
     if api_key is None:
         raise APIError(401, "unknown or revoked API key")
     if KeyScope(api_key.scope).rank < needed.rank:
-        raise APIError(403, f"this key's scope is {api_key.scope!r}; the request needs {needed!r}")
+        raise APIError(403, f"this key's scope is {api_key.scope!r}; the request needs {needed.value!r}")
     now = utcnow()
     if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))

@@ -19,6 +19,8 @@ from core.tables import Checkpoint, Corpus, Evaluation, Job
 from serving.client import EngineClient
 from serving.deployments import DeploymentManager
 
+# the lookups are coroutines: FastAPI would run plain functions in its threadpool, a thread hop per request each
+
 
 @dataclass
 class Services:
@@ -32,34 +34,34 @@ class Services:
     metrics: Metrics
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def _settings(services: ServicesDep) -> Settings:
+async def _settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def _storage(services: ServicesDep) -> DataDir:
+async def _storage(services: ServicesDep) -> DataDir:
     return services.settings.storage
 
 
-def _database(services: ServicesDep) -> Database:
+async def _database(services: ServicesDep) -> Database:
     return services.database
 
 
-def _queue(services: ServicesDep) -> JobQueue:
+async def _queue(services: ServicesDep) -> JobQueue:
     return services.queue
 
 
-def _deployments(services: ServicesDep) -> DeploymentManager:
+async def _deployments(services: ServicesDep) -> DeploymentManager:
     return services.deployments
 
 
-def _engines(services: ServicesDep) -> EngineClient:
+async def _engines(services: ServicesDep) -> EngineClient:
     return services.engines
 
 

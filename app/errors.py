@@ -12,6 +12,7 @@ STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 4
                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
                 410: "gone", 503: "unavailable"}
+RETRY_AFTER_S = 1  # told to a client that finds the server full
 # the one place a domain error becomes an HTTP status
 DOMAIN_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, Gone: 410, Unavailable: 503}
 
@@ -62,7 +63,7 @@ def _validation_details(request: Request, exc: RequestValidationError) -> tuple[
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
         return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.type, exc.details, exc.code),
                             exc.status, headers=headers)
 

@@ -8,6 +8,10 @@ class DomainError(Exception):
         self.message, self.param = message, param
 
 
+def no_such(kind: str, id_: str) -> str:
+    return f"no {kind} with id {id_!r}"
+
+
 class Invalid(DomainError):
     """The request names something that does not fit: a missing id it refers to, a size beyond a limit."""
 
@@ -17,7 +21,7 @@ class NotFound(DomainError):
 
     @classmethod
     def of(cls, kind: str, id_: str) -> "NotFound":
-        return cls(f"no {kind} with id {id_!r}", param="id")
+        return cls(no_such(kind, id_), param="id")
 
 
 class Conflict(DomainError):

@@ -11,6 +11,7 @@
 Uploaded file names never become paths: every name here is an id the service made.
 """
 
+import os
 import tempfile
 import uuid
 from pathlib import Path
@@ -73,4 +74,6 @@ class DataDir:
     def scratch_file(self, suffix: str) -> Path:
         """A new empty file on the data dir's disk (a download being packed); the caller removes it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkstemp(suffix=suffix, dir=self.root)[1])
+        descriptor, path = tempfile.mkstemp(suffix=suffix, dir=self.root)
+        os.close(descriptor)
+        return Path(path)

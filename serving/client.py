@@ -15,7 +15,7 @@ import torch
 
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent, encode_classification
-from serving.deployments import DeploymentManager, Served
+from serving.deployments import DeploymentManager, Loaded
 from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
 from serving.metrics import ServingMetrics
@@ -121,6 +121,15 @@ class Generation:
             stream.request.abort()
 
 
+@dataclass(frozen=True)
+class Model:
+    """A deployment's name and what it serves at the moment a request came: a request keeps to it, whichever
+    checkpoint the deployment switches to meanwhile."""
+
+    name: str
+    loaded: Loaded
+
+
 @dataclass
 class Classified:
     probabilities: torch.Tensor  # [N, classes]
@@ -132,37 +141,44 @@ class EngineClient:
     def __init__(self, deployments: DeploymentManager, metrics: ServingMetrics, timeout_s: float):
         self.deployments, self.metrics, self.timeout_s = deployments, metrics, timeout_s
 
-    def serving(self, name: str | None, task: CheckpointTask) -> Served:
+    def serving(self, name: str | None, task: CheckpointTask) -> Model:
         """The loaded deployment of that name (None: the default one) serving this task, or NotServing."""
-        return self.deployments.serving(name, task)
+        served = self.deployments.serving(name, task)
+        return Model(served.name, served.current)
 
-    async def encode(self, served: Served, text: str) -> list[int]:
-        return await asyncio.to_thread(served.current.tokenizer.encode, text, allow_special=False)
+    async def encode(self, model: Model, text: str) -> list[int]:
+        return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
 
-    def generate(self, served: Served, prompt: list[int], max_new_tokens: int | None, params: SamplingParams,
+    @staticmethod
+    def check_fits(model: Model, prompt: list[int]) -> None:
+        """PromptTooLong unless at least one token fits after the prompt."""
+        context = model.loaded.engine.context_length
+        if len(prompt) >= context:
+            raise PromptTooLong(len(prompt), context)
+
+    def generate(self, model: Model, prompt: list[int], max_new_tokens: int | None, params: SamplingParams,
                  stop: tuple[str, ...] = (), seed: int | None = None, n: int = 1) -> Generation:
         """Admit n sequences continuing prompt (seeded seed, seed + 1, ...); max_new_tokens None: up to the
         context. PromptTooLong when no token fits after the prompt, Overloaded when the engine is full."""
-        loaded = served.current
+        self.check_fits(model, prompt)
+        loaded = model.loaded
         context = loaded.engine.context_length
-        if len(prompt) >= context:
-            raise PromptTooLong(len(prompt), context)
         streams: list[_Stream] = []
         try:
             for i in range(n):
                 streams.append(_Stream(loaded.engine, prompt, max_new_tokens or context - len(prompt), params, stop,
                                        None if seed is None else seed + i, loaded.tokenizer.eot_id, self.metrics,
-                                       served.name))
+                                       model.name))
         except Overloaded:
             for stream in streams:
                 stream.request.abort()
             raise
         return Generation(streams, len(prompt), self.timeout_s)
 
-    async def classify(self, served: Served, texts: list[str], truncate: bool) -> Classified:
+    async def classify(self, model: Model, texts: list[str], truncate: bool) -> Classified:
         """Every class's probability for each text, in one batch; PromptTooLong names the first text too long
         for the context unless truncate."""
-        loaded = served.current
+        loaded = model.loaded
         context = loaded.model.config.context_length
 
         def run() -> Classified:

@@ -73,16 +73,19 @@ class Steps:
     def __init__(self, reporter: JobReporter, totals: list[int]):
         self.reporter, self.totals, self.total = reporter, totals, sum(totals)
         self.started = time.monotonic()
+        self._report(0, eta_s=None)
+        reporter.flush()  # the job shows its total at once
+
+    def _report(self, step: int, eta_s: float | None) -> None:
+        self.reporter.on_progress(TrainProgress(step=step, total_steps=self.total, tokens_seen=0, tokens_per_s=None,
+                                                eta_s=eta_s, train_loss=None, learning_rate=0.0))
 
     def phase(self, index: int):
         offset = sum(self.totals[:index])
 
         def progress(done: int, _total: int) -> bool:
             step = offset + done
-            elapsed = time.monotonic() - self.started
-            self.reporter.on_progress(TrainProgress(step=step, total_steps=self.total, tokens_seen=0, tokens_per_s=None,
-                                               eta_s=elapsed / step * (self.total - step), train_loss=None,
-                                               learning_rate=0.0))
+            self._report(step, eta_s=(time.monotonic() - self.started) / step * (self.total - step))
             return self.reporter.should_stop()
 
         return progress
@@ -198,7 +201,7 @@ def _instruct(model, tokenizer, target: Target, steps_for) -> Outcome:
 
 
 def _store(database: Database, evaluation_id: str, outcome: Outcome) -> None:
-    # JSON has no infinity (a diverged model's perplexity): such a number is left out rather than stored
+    # JSON has no NaN (a diverged model's loss): such a number is left out rather than stored
     outcome.metrics = {name: value for name, value in outcome.metrics.items() if math.isfinite(value)}
     with database.session() as session:
         # a re-run after a crash replaces whatever an earlier attempt left

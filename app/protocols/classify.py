@@ -26,8 +26,8 @@ async def classify(engines: EngineClient, body: ClassifyRequest) -> dict:
     if not texts or len(texts) > MAX_INPUTS or any(not t for t in texts):
         raise APIError(422, f"input must be 1 to {MAX_INPUTS} non-empty texts", param="input")
     try:
-        served = engines.serving(body.deployment, CheckpointTask.CLASSIFIER)
-        result = await engines.classify(served, texts, body.truncate)
+        model = engines.serving(body.deployment, CheckpointTask.CLASSIFIER)
+        result = await engines.classify(model, texts, body.truncate)
     except PromptTooLong as e:
         raise APIError(422, f"input {e.input_index} holds {e.n_tokens} tokens; this classifier's context is "
                             f"{e.context_length} (pass truncate: true to cut it)", param="input") from None
@@ -38,7 +38,7 @@ async def classify(engines: EngineClient, body: ClassifyRequest) -> dict:
         raise APIError(failure.status or 422, failure.message, param="model") from None
     labels = result.label_names
     return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-            "model": served.name, "data": [
+            "model": model.name, "data": [
                 {"index": i, "label": labels[int(row.argmax())], "probs": [float(p) for p in row],
                  "num_classes": len(labels), "probabilities": dict(zip(labels, map(float, row), strict=True))}
                 for i, row in enumerate(result.probabilities)],

@@ -6,8 +6,6 @@ from typing import NamedTuple
 from serving.client import GenerationFailed, Overloaded
 from serving.deployments import NotServing
 
-RETRY_AFTER_S = 1  # told to a client that finds the engine full
-
 
 class Failure(NamedTuple):
     status: int | None  # None: the protocol's status for a request it refuses (TGI 422, OpenAI 400)

@@ -16,7 +16,7 @@ from app.errors import APIError
 from app.protocols.failures import failure_of
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, format_chat
-from serving.client import EngineClient, Generation, PromptTooLong, pick_seed
+from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
 from serving.deployments import NotServing, Served
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -87,52 +87,54 @@ async def parse(request: Request, schema: type[Sampling]) -> Sampling:
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
-def serving(engines: EngineClient, name: str | None) -> Served:
+def serving(engines: EngineClient, name: str | None) -> Model:
     try:
         return engines.serving(name, CheckpointTask.LM)
     except NotServing as e:
-        error = error_of(e, param="model")
+        error = error_of(e, param=None if e.reason == NotServing.Reason.LOADING else "model")
         if e.reason == NotServing.Reason.MISSING:
             error.message = f"the model {name!r} does not exist"  # OpenAI's words
         raise error from None
 
 
-def chat_prompt(messages: list[Message], served: Served) -> str:
-    if served.current.prompt_format != PROMPT_FORMAT:
-        raise APIError(400, f"model {served.name} has no chat template: it was not instruction-finetuned (use "
+def chat_prompt(messages: list[Message], model: Model) -> str:
+    if model.loaded.prompt_format != PROMPT_FORMAT:
+        raise APIError(400, f"model {model.name} has no chat template: it was not instruction-finetuned (use "
                             f"/v1/completions)", param="model")
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
     return format_chat([(m.role, m.content) for m in messages])
 
 
-async def admit(engines: EngineClient, body: Sampling, served: Served, prompt_text: str, max_tokens: int | None,
+async def admit(engines: EngineClient, body: Sampling, model: Model, prompt_text: str, max_tokens: int | None,
                 extra_stop: tuple[str, ...] = ()) -> Generation:
     """The request's n choices, admitted to the engine together (or not at all)."""
-    prompt = await engines.encode(served, prompt_text)
-    stops = body.stops() + extra_stop
+    prompt = await engines.encode(model, prompt_text)
     try:
-        return engines.generate(served, prompt, max_tokens, body.sampling_params(), stops, pick_seed(body.seed),
-                                n=body.n)
+        engines.check_fits(model, prompt)
     except PromptTooLong as e:
         raise APIError(400, f"the prompt holds {e.n_tokens} tokens; this model's context is {e.context_length}",
                        param="prompt", code="context_length_exceeded") from None
+    stops = body.stops() + extra_stop
+    try:
+        return engines.generate(model, prompt, max_tokens, body.sampling_params(), stops, pick_seed(body.seed),
+                                n=body.n)
     except Exception as e:
         raise error_of(e) from None
 
 
 async def completion(engines: EngineClient, body: CompletionRequest) -> tuple[Generation, str]:
-    served = serving(engines, body.model)
-    return await admit(engines, body, served, body.prompt, body.max_tokens), served.name
+    model = serving(engines, body.model)
+    return await admit(engines, body, model, body.prompt, body.max_tokens), model.name
 
 
 async def chat_completion(engines: EngineClient, body: ChatRequest) -> tuple[Generation, str]:
-    served = serving(engines, body.model)
-    prompt = chat_prompt(body.messages, served)
+    model = serving(engines, body.model)
+    prompt = chat_prompt(body.messages, model)
     # the model goes on to a next section: the answer is over
-    generation = await admit(engines, body, served, prompt, body.max_completion_tokens or body.max_tokens,
+    generation = await admit(engines, body, model, prompt, body.max_completion_tokens or body.max_tokens,
                              (NEXT_SECTION,))
-    return generation, served.name
+    return generation, model.name
 
 
 def usage(generation: Generation) -> dict:

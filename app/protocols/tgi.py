@@ -7,11 +7,11 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.protocols.failures import RETRY_AFTER_S, failure_of
+from app.errors import RETRY_AFTER_S
+from app.protocols.failures import failure_of
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
-from serving.client import EngineClient, Generation, PromptTooLong, pick_seed
-from serving.deployments import Served
+from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 MAX_STOP_SEQUENCES = 16
@@ -79,7 +79,7 @@ async def parse(request: Request) -> GenerateRequest:
         raise TGIError(422, f"{where}: {first['msg']}" if where else first["msg"], "validation") from None
 
 
-def serving(engines: EngineClient, deployment: str | None) -> Served:
+def serving(engines: EngineClient, deployment: str | None) -> Model:
     try:
         return engines.serving(deployment, CheckpointTask.LM)
     except Exception as e:
@@ -89,15 +89,8 @@ def serving(engines: EngineClient, deployment: str | None) -> Served:
 class Answer:
     """One admitted TGI request: its events as TGI's tokens, details and texts."""
 
-    def __init__(self, body: GenerateRequest, served: Served, generation: Generation, seed: int | None):
-        self.body, self.tokenizer, self.generation, self.seed = body, served.current.tokenizer, generation, seed
-
-    async def events(self):
-        try:
-            async for _, event in self.generation.events():
-                yield event
-        except Exception as e:
-            raise TGIError.of(e) from None
+    def __init__(self, body: GenerateRequest, model: Model, generation: Generation, seed: int | None):
+        self.body, self.tokenizer, self.generation, self.seed = body, model.loaded.tokenizer, generation, seed
 
     def details(self, event: StreamEvent, n_tokens: int) -> dict[str, Any]:
         return {"finish_reason": FINISH_REASONS[event.finish_reason], "generated_tokens": n_tokens,
@@ -127,25 +120,25 @@ class Answer:
 
 async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | None) -> Answer:
     """Validate the request against its deployment and admit it, before any byte of the answer is sent."""
-    served = serving(engines, deployment)
+    model = serving(engines, deployment)
     p = body.parameters
-    prompt = await engines.encode(served, body.inputs)
+    prompt = await engines.encode(model, body.inputs)
     if p.truncate is not None:
         prompt = prompt[-p.truncate:]
     seed = pick_seed(p.seed) if p.sampling else None
     try:
-        generation = engines.generate(served, prompt, p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed)
+        generation = engines.generate(model, prompt, p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed)
     except PromptTooLong as e:
         raise TGIError(422, f"inputs hold {e.n_tokens} tokens; this model's context is {e.context_length} (pass "
                             f"`truncate` to keep only the last tokens)", "validation") from None
     except Exception as e:
         raise TGIError.of(e) from None
-    return Answer(body, served, generation, seed)
+    return Answer(body, model, generation, seed)
 
 
-def info(served: Served) -> dict[str, Any]:
-    engine = served.current.engine
-    return {"model_id": served.name, "model_sha": served.current.checkpoint_id,
+def info(model: Model) -> dict[str, Any]:
+    engine = model.loaded.engine
+    return {"model_id": model.name, "model_sha": model.loaded.checkpoint_id,
             "model_dtype": str(engine.dtype).removeprefix("torch."), "model_device_type": engine.device.type,
             "max_input_tokens": engine.context_length - 1, "max_total_tokens": engine.context_length,
             "max_concurrent_requests": engine.capacity, "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,

@@ -22,8 +22,10 @@ router = APIRouter(tags=["generation (TGI)"], dependencies=[Reader])
 async def _generate(answer: tgi.Answer, as_list: bool) -> JSONResponse:
     events = []
     try:
-        async for event in answer.events():
+        async for _, event in answer.generation.events():
             events.append(event)
+    except Exception as e:
+        raise TGIError.of(e) from None
     finally:
         answer.generation.abort()  # a no-op once finished; stops the sequence if this request was cancelled
     body = answer.answer(events)
@@ -35,12 +37,12 @@ def _generate_stream(answer: tgi.Answer) -> StreamingResponse:
         texts = []
         try:
             index = 0
-            async for event in answer.events():
+            async for _, event in answer.generation.events():
                 index += 1
                 texts.append(event.text)
                 yield f"data:{json.dumps(answer.stream_message(index, event, texts))}\n\n"
-        except TGIError as e:
-            yield f"data:{json.dumps(e.body())}\n\n"
+        except Exception as e:
+            yield f"data:{json.dumps(TGIError.of(e).body())}\n\n"
         finally:
             answer.generation.abort()  # the client went away (or the stream ended): free the slot
 

@@ -77,7 +77,7 @@ def create_evaluation(session: Session, request: EvaluationCreate) -> Evaluation
     for field in sorted(request.model_fields_set & KINDS_OF_FIELD.keys()):
         if kind not in KINDS_OF_FIELD[field]:
             raise Invalid(f"{field} applies to {' and '.join(KINDS_OF_FIELD[field])} evaluations, and checkpoint "
-                          f"{checkpoint.id} on corpus {corpus.id} makes a {kind!r} one", param=field)
+                          f"{checkpoint.id} on corpus {corpus.id} makes a {kind.value!r} one", param=field)
     settings = _settings(request, kind, checkpoint.model_config["context_length"])
     job = jobs.create(session, f"{kind} evaluation of checkpoint {checkpoint.id} on corpus {corpus.id} queued",
                       type=jobs.JobType.EVALUATE, corpus_id=corpus.id, spec=request.model_dump(mode="json"), seed=0,

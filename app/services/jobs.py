@@ -5,7 +5,7 @@ from sqlalchemy.orm import Session
 from app.schemas.jobs import JobCreate
 from core import jobs
 from core.enums import CheckpointTask
-from core.errors import Invalid, Unavailable
+from core.errors import Invalid, Unavailable, no_such
 from core.queue import JobQueue
 from core.tables import Checkpoint, Corpus, Job
 from model import ConfigError, GPTConfig
@@ -16,7 +16,7 @@ def named_row(session: Session, model, key: str, what: str, param: str):
     """The row a request names, or Invalid naming the missing id (it is the request that is wrong)."""
     row = session.get(model, key)
     if row is None:
-        raise Invalid(f"no {what} with id {key!r}", param=param)
+        raise Invalid(no_such(what, key), param=param)
     return row
 
 

@@ -86,7 +86,7 @@ def service(request, tmp_path):
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(tmp_path / "data"), "SCRATCHLLM_DATABASE_URL": database_url,
            "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}",  # tests never share a queue
            "SCRATCHLLM_HEARTBEAT_INTERVAL_S": "0.5", "SCRATCHLLM_HEARTBEAT_TIMEOUT_S": "4",
-           "SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S": "10"}
+           "SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S": "2"}
     if broker_url:
         env["SCRATCHLLM_BROKER_URL"] = broker_url
     else:
@@ -238,7 +238,7 @@ def test_a_queued_job_cancelled_never_starts(service, shared_data):
 def test_a_killed_worker_job_resumes_on_another_without_duplicate_metrics(service, shared_data):
     first = service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=40, checkpoint_interval=5, eval_interval=0))
+    job = service.submit(**pretrain_request(verdict, max_steps=24, checkpoint_interval=5, eval_interval=0))
     service.wait_for(job["id"], lambda j: j["progress"]["step"] >= 12)
     service.kill_worker(first)
     service.start_worker()
@@ -246,16 +246,16 @@ def test_a_killed_worker_job_resumes_on_another_without_duplicate_metrics(servic
     assert done["status"] == "succeeded" and done["attempts"] == 2
     events = [e["message"] for e in service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
     assert any("went silent" in m for m in events) and any(m.startswith("resumed from") for m in events)
-    assert metric_rows(service.settings, job["id"], "train_loss") == 40
+    assert metric_rows(service.settings, job["id"], "train_loss") == 24
     steps = [p["step"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
                                                     params={"name": "train_loss"}).json()["data"]]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 25))
 
 
 def test_a_stopped_worker_hands_its_job_back_and_another_finishes_it(service, shared_data):
     first = service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=60, checkpoint_interval=0, eval_interval=0))
+    job = service.submit(**pretrain_request(verdict, max_steps=20, checkpoint_interval=0, eval_interval=0))
     service.wait_for(job["id"], lambda j: j["progress"]["step"] >= 5)
     os.kill(first.pid, signal.SIGTERM)  # as docker stop or Ctrl-C does: a soft shutdown
     first.wait(timeout=30)
@@ -267,4 +267,4 @@ def test_a_stopped_worker_hands_its_job_back_and_another_finishes_it(service, sh
     events = [e["message"] for e in service.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
     assert any(m.startswith("worker shutting down") for m in events)
     assert any(m.startswith("resumed from") for m in events)
-    assert metric_rows(service.settings, job["id"], "train_loss") == 60
+    assert metric_rows(service.settings, job["id"], "train_loss") == 20
