@@ -8,7 +8,7 @@ the Alpaca prompt plus "### Response:" and the output (model.instruction_data), 
 collate (one <|endoftext|> target after each text, padding targets ignored, prompt tokens not masked).
 
 No pretrained weights exist here, so the model is a `small` GPT (6 layers, 6 heads, 384 dims, context
-128, dropout 0.1) from random weights, trained with InstructionTask for --steps steps. Prints the
+128, dropout 0.1) from random weights, trained with InstructionObjective for --steps steps. Prints the
 validation loss before and after training (it must fall), and greedy responses to the first --show
 test instructions (never trained on), cut at <|endoftext|> or a "### " stop string; and the wall time.
 """
@@ -22,7 +22,7 @@ from common import DATA_DIR, Clock, PrintProgress, setup, train
 from model import GPT, GPTConfig
 from model.generate import stream_generate
 from model.instruction_data import encode_instruction, format_prompt, read_instruction_file
-from model.tasks import InstructionTask
+from model.objectives import InstructionObjective
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import TrainConfig
 
@@ -69,8 +69,8 @@ def main() -> None:
     model = GPT(config)
     print(f"model: {args.preset}, {model.num_parameters() / 1e6:.1f}M parameters, from random weights")
 
-    task = InstructionTask(train_encoded, val_encoded, batch_size=args.batch_size, seed=args.seed,
-                           pad_id=tokenizer.eot_id, max_length=config.context_length)
+    task = InstructionObjective(train_encoded, val_encoded, batch_size=args.batch_size, seed=args.seed,
+                                pad_id=tokenizer.eot_id, max_length=config.context_length)
     model.eval()
     with torch.no_grad():
         before = task.evaluate(model, max_batches=1000, autocast=contextlib.nullcontext)["val_loss"]

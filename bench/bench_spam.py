@@ -37,7 +37,7 @@ from model import GPT, GPTConfig
 from model.classification_data import balance_classes, encode_classification, read_classification_file, split_dataset
 from model.classifier import GPTClassifier
 from model.evaluation import classification_report, classify
-from model.tasks import ClassificationTask, PretrainTask
+from model.objectives import ClassificationObjective, PretrainObjective
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import TrainConfig
 
@@ -100,8 +100,8 @@ def main() -> None:
                 ids += tokenizer.encode(text, allow_special=False) + [tokenizer.eot_id]
             return np.array(ids, dtype=np.int64)
 
-        lm_task = PretrainTask(token_stream(train_set.texts), token_stream(val_set.texts), block_size=128,
-                               batch_size=16, seed=args.seed)
+        lm_task = PretrainObjective(token_stream(train_set.texts), token_stream(val_set.texts), block_size=128,
+                                    batch_size=16, seed=args.seed)
         lm_config = TrainConfig(max_steps=args.pretrain_steps, learning_rate=args.pretrain_lr,
                                 warmup_steps=args.pretrain_steps // 10, eval_interval=0, eval_batches=50,
                                 checkpoint_interval=0, device="cpu")
@@ -113,9 +113,9 @@ def main() -> None:
     # -- 2. classification finetuning, all layers ---------------------------------------------------
     model = GPTClassifier.from_lm(lm, n_classes=2)
     labels = torch.tensor(train_set.labels)
-    task = ClassificationTask((train_ids, train_lengths, labels),
-                              (val_ids, val_lengths, torch.tensor(val_set.labels)),
-                              batch_size=args.batch_size, seed=args.seed)
+    task = ClassificationObjective((train_ids, train_lengths, labels),
+                                   (val_ids, val_lengths, torch.tensor(val_set.labels)),
+                                   batch_size=args.batch_size, seed=args.seed)
     steps_per_epoch = len(train_set) // args.batch_size
     eval_every = args.eval_every or steps_per_epoch
     finetune_config = TrainConfig(max_steps=args.epochs * steps_per_epoch, learning_rate=args.lr,

@@ -31,7 +31,7 @@ from torch import nn
 from model import GPT, GPTConfig
 from model.data import n_windows, windows_at
 from model.generate import generate
-from model.tasks import PretrainTask
+from model.objectives import PretrainObjective
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import TrainConfig
 
@@ -105,7 +105,7 @@ def main() -> None:
     print(f"before: train loss {mean_loss(model, train_tokens, block_size, batch_size):.3f}, "
           f"val loss {mean_loss(model, val_tokens, block_size, batch_size):.3f}")
 
-    task = PretrainTask(train_tokens, val_tokens, block_size, batch_size, seed=args.seed, stride=stride)
+    task = PretrainObjective(train_tokens, val_tokens, block_size, batch_size, seed=args.seed, stride=stride)
     train_config = TrainConfig(max_steps=max_steps, learning_rate=4e-4, min_learning_rate=4e-4,
                                warmup_steps=0, weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=None,
                                eval_interval=batches_per_epoch, eval_batches=1000, checkpoint_interval=0,

@@ -53,9 +53,9 @@ from model.instruction_data import (
 from model.kv_cache import KVCache
 from model.lora import LoRAConfig, apply_lora, merge_lora
 from model.loss import perplexity
+from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
 from model.sampling import SamplingParams
 from model.streaming import StreamEvent, TextStream
-from model.tasks import ClassificationTask, InstructionTask, PretrainTask
 from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_from_spec
 from model.trainer import Callback, TrainConfig, Trainer, TrainProgress, TrainResult
 
@@ -63,9 +63,9 @@ __all__ = [
     "GPT", "JUDGE_PROMPT", "EvaluationStopped", "LMScore", "classification_report", "classify", "exact_match",
     "generate_responses", "judge_prompt", "parse_judge_score", "response_loss", "score_tokens",
     "token_byte_lengths", "token_f1",
-    "Callback", "CheckpointError", "ClassificationData", "ClassificationTask", "ConfigError",
-    "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionTask", "KVCache", "LoRAConfig",
-    "PretrainTask", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
+    "Callback", "CheckpointError", "ClassificationData", "ClassificationObjective", "ConfigError",
+    "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionObjective", "KVCache", "LoRAConfig",
+    "PretrainObjective", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
     "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",
     "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "has_training_state",
     "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",

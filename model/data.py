@@ -4,7 +4,7 @@ Two ways to cut windows, as the two references do:
 - nanoGPT: `random_batch` draws batch_size random offsets per step from a torch.Generator;
 - the book (GPTDatasetV1): `n_windows` windows `stride` apart, cut by `windows_at`, visited epoch by epoch
   in an order that `epoch_order` reproduces, so a resumed run can skip straight to batch k of epoch e
-  (model.tasks.PretrainTask).
+  (model.objectives.PretrainObjective).
 
 Every window of block_size inputs needs block_size + 1 tokens: the targets are the inputs shifted by one.
 """

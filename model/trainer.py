@@ -4,8 +4,9 @@ AdamW (weight decay on matrices only, fused where available), linear warmup then
 minimum, gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile,
 periodic evaluation, samples and checkpoints, callbacks, and an exact resume.
 
-What it trains on is a task (model.tasks): batch i is a pure function of the task's seed and i, so the
-data position after a resume is just the step, and a resumed run repeats the uninterrupted loss curve.
+What it trains on is an objective (model.objectives): batch i is a pure function of the objective's seed and
+i, so the data position after a resume is just the step, and a resumed run repeats the uninterrupted loss
+curve.
 """
 
 import contextlib
@@ -82,7 +83,7 @@ class TrainConfig:
         return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - floor)
 
 
-class Task(Protocol):
+class Objective(Protocol):
     kind: str  # "lm" or "classifier": what the model predicts
 
     def batch(self, index: int) -> tuple[Tensor, ...]: ...  # a pure function of index
@@ -148,13 +149,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, task: Task, config: TrainConfig, tokenizer, out_dir,
+    def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, tokenizer, out_dir,
                  callback: Callback | None = None, seed: int = 1337, label_names: list[str] | None = None,
                  parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        self.task = task
+        self.objective = objective
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
         self.callback = callback or Callback()
@@ -229,7 +230,7 @@ class Trainer:
             finished = self.step == config.max_steps
             if finished or self._due(config.eval_interval):
                 self._evaluate()
-            if self._due(config.sample_interval) and self.task.kind == "lm":
+            if self._due(config.sample_interval) and self.objective.kind == "lm":
                 self.callback.on_sample(self.step, self.sample())
             if finished or self._due(config.checkpoint_interval):
                 result.checkpoint = self._checkpoint()
@@ -254,12 +255,12 @@ class Trainer:
         total_loss, tokens = 0.0, 0
         for micro in range(config.grad_accum_steps):
             index = self.step * config.grad_accum_steps + micro
-            batch = tuple(t.to(self.device) for t in self.task.batch(index))
+            batch = tuple(t.to(self.device) for t in self.objective.batch(index))
             with self.autocast():
-                loss = self.task.loss(self.forward_model, batch) / config.grad_accum_steps
+                loss = self.objective.loss(self.forward_model, batch) / config.grad_accum_steps
             loss.backward()
             total_loss += loss.item()
-            tokens += self.task.n_tokens(batch)
+            tokens += self.objective.n_tokens(batch)
         if config.grad_clip is not None:
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -274,7 +275,7 @@ class Trainer:
     def _evaluate(self) -> None:
         self.model.eval()
         with torch.no_grad():
-            metrics = self.task.evaluate(self.model, self.config.eval_batches, self.autocast)
+            metrics = self.objective.evaluate(self.model, self.config.eval_batches, self.autocast)
         self.model.train()
         self._record(metrics)
 

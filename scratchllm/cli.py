@@ -33,7 +33,7 @@ def demo(args: argparse.Namespace) -> None:
         GPT,
         Callback,
         GPTConfig,
-        PretrainTask,
+        PretrainObjective,
         SamplingParams,
         TrainConfig,
         Trainer,
@@ -79,8 +79,8 @@ def demo(args: argparse.Namespace) -> None:
                                checkpoint_interval=0,
                                eval_batches=4, sample_interval=100, sample_prompt="Alice", sample_tokens=30,
                                grad_clip=1.0)
-    task = PretrainTask(train, val, block_size=block, batch_size=16, seed=args.seed)
-    result = Trainer(model, task, train_config, tokenizer, out / "checkpoints", Printer(),
+    objective = PretrainObjective(train, val, block_size=block, batch_size=16, seed=args.seed)
+    result = Trainer(model, objective, train_config, tokenizer, out / "checkpoints", Printer(),
                      seed=args.seed).train()
     print(f"checkpoint: {result.checkpoint}")
 

@@ -1,6 +1,7 @@
 """The Trainer's callback that writes a job's progress, metrics, events and checkpoints to the database."""
 
 import time
+from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -14,7 +15,17 @@ from core.tables import JobEvent, Metric
 from model import Callback, TrainProgress, read_metadata
 
 WRITE_INTERVAL_S = 0.5  # progress and metrics are written at most this often, and always at checkpoints
-STOP_REASONS = {jobs.Lease.CANCEL_REQUESTED: "cancelled", jobs.Lease.LOST: "lease lost"}
+
+
+class StopReason(StrEnum):
+    """Why a job is stopping before its end."""
+
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease lost"  # it was taken from this worker (presumed dead): whoever holds it now ends it
+    SHUTDOWN = "shutdown"  # this worker is shutting down: the job goes back to the queue
+
+
+STOP_REASONS = {jobs.Lease.CANCEL_REQUESTED: StopReason.CANCELLED, jobs.Lease.LOST: StopReason.LEASE_LOST}
 
 
 class JobReporter(Callback):
@@ -23,7 +34,7 @@ class JobReporter(Callback):
         self.pending_metrics: list[dict] = []
         self.progress: TrainProgress | None = None
         self.last_write = 0.0
-        self.stop_reason: str | None = None  # "cancelled", "lease lost" or "shutdown"
+        self.stop_reason: StopReason | None = None
 
     def _insert_ignoring_duplicates(self, session, rows: list[dict]) -> None:
         # a resumed job reports again the steps after its last checkpoint: the first row of each stays

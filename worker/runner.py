@@ -16,7 +16,7 @@ from core.tables import Checkpoint, Corpus, Job
 from model import Trainer, has_training_state, load_checkpoint
 from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
-from worker.reporting import JobReporter
+from worker.reporting import JobReporter, StopReason
 from worker.training import plan_job
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,14 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     if metrics is not None:
         _finish(database, job_id, owner, JobStatus.SUCCEEDED, f"job succeeded at step {step}",
                 data={"metrics": metrics})
-    elif reporter.stop_reason == "cancelled":
+    elif reporter.stop_reason == StopReason.CANCELLED:
         _finish(database, job_id, owner, JobStatus.CANCELLED, f"job cancelled at step {step}")
-    elif reporter.stop_reason == "shutdown":
+    elif reporter.stop_reason == StopReason.SHUTDOWN:
         with database.session() as session:
             handed_back = jobs.hand_back(session, job_id, owner, f"worker shutting down: job re-queued at step {step}")
         if handed_back:
             JobQueue(settings).send(job_id)
-    # "lease lost": the job was taken from us (we were presumed dead); whoever holds it now ends it
+    # StopReason.LEASE_LOST: whoever holds the job now ends it
 
 
 def _train(database: Database, settings: Settings, job: Job, reporter: JobReporter) -> tuple[dict | None, int]:
@@ -115,7 +115,8 @@ def _train(database: Database, settings: Settings, job: Job, reporter: JobReport
         base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
         resume = _resume_point(session, job.id, settings)
     plan = plan_job(job, settings.storage, corpora, base.path if base else None)
-    trainer = Trainer(plan.model, plan.task, plan.config, plan.tokenizer, settings.storage.job_checkpoints_dir(job.id),
+    trainer = Trainer(plan.model, plan.objective, plan.config, plan.tokenizer,
+                      settings.storage.job_checkpoints_dir(job.id),
                       reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
                       parent=base.id if base else None, prompt_format=plan.prompt_format)
     if resume is not None:
@@ -134,7 +135,7 @@ def _stop_also_on(shutdown: threading.Event, reporter: JobReporter):
 
     def should_stop() -> bool:
         if shutdown.is_set() and reporter.stop_reason is None:
-            reporter.stop_reason = "shutdown"
+            reporter.stop_reason = StopReason.SHUTDOWN
         return checks_database() or reporter.stop_reason is not None
 
     return should_stop

@@ -1,4 +1,4 @@
-"""From a job's spec to a ready Trainer: tokenizer, data, model and task, as the job type asks."""
+"""From a job's spec to a ready Trainer: tokenizer, data, model and objective, as the job type asks."""
 
 import json
 from dataclasses import dataclass
@@ -13,12 +13,12 @@ from core.tables import Job
 from model import (
     GPT,
     PROMPT_FORMAT,
-    ClassificationTask,
+    ClassificationObjective,
     GPTClassifier,
     GPTConfig,
-    InstructionTask,
+    InstructionObjective,
     LoRAConfig,
-    PretrainTask,
+    PretrainObjective,
     TrainConfig,
     apply_lora,
     encode_classification,
@@ -41,7 +41,7 @@ from model.data import read_token_info
 @dataclass
 class Plan:
     model: torch.nn.Module
-    task: object
+    objective: object
     config: TrainConfig
     tokenizer: object
     label_names: list[str] | None = None
@@ -97,8 +97,9 @@ def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path) -> Pla
         train, val = tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
     else:
         train, val = split_tokens(tokens, spec["validation_fraction"], block)
-    task = PretrainTask(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed, stride=hp["stride"])
-    return Plan(GPT(config), task, train_config(spec), tokenizer)
+    objective = PretrainObjective(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed,
+                                  stride=hp["stride"])
+    return Plan(GPT(config), objective, train_config(spec), tokenizer)
 
 
 def _base(storage: DataDir, base_path: str):
@@ -124,15 +125,16 @@ def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str) 
     max_length = hp["max_length"] or base.config.context_length
     train_ids = encode_classification(data.texts, tokenizer, max_length=max_length, pad_id=tokenizer.eot_id)
     val_ids = encode_classification(val.texts, tokenizer, max_length=max_length, pad_id=tokenizer.eot_id)
-    task = ClassificationTask((*train_ids, torch.tensor(data.labels)), (*val_ids, torch.tensor(val.labels)),
-                              batch_size=hp["batch_size"], seed=job.seed)
+    objective = ClassificationObjective((*train_ids, torch.tensor(data.labels)),
+                                        (*val_ids, torch.tensor(val.labels)), batch_size=hp["batch_size"],
+                                        seed=job.seed)
     model = GPTClassifier.from_lm(base, len(data.label_names))
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora, trainable=(model.head,))
     else:
         freeze_for_finetune(model, spec["trainable_blocks"])
-    return Plan(model, task, train_config(spec), tokenizer, label_names=list(data.label_names), lora=lora)
+    return Plan(model, objective, train_config(spec), tokenizer, label_names=list(data.label_names), lora=lora)
 
 
 def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str) -> Plan:
@@ -150,14 +152,15 @@ def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str) ->
         val_records = [records[i] for i in order[:n_val]]
         records = [records[i] for i in order[n_val:]]
     max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
-    task = InstructionTask([encode_instruction(r, tokenizer) for r in records],
-                           [encode_instruction(r, tokenizer) for r in val_records], batch_size=hp["batch_size"],
-                           seed=job.seed, pad_id=tokenizer.eot_id, max_length=max_length,
-                           mask_prompt=spec["mask_prompt"])
+    objective = InstructionObjective([encode_instruction(r, tokenizer) for r in records],
+                                     [encode_instruction(r, tokenizer) for r in val_records],
+                                     batch_size=hp["batch_size"],
+                                     seed=job.seed, pad_id=tokenizer.eot_id, max_length=max_length,
+                                     mask_prompt=spec["mask_prompt"])
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora)
-    return Plan(model, task, train_config(spec), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
+    return Plan(model, objective, train_config(spec), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
 
 
 def plan_job(job: Job, storage: DataDir, corpora: dict[str, str], base_path: str | None) -> Plan:

@@ -33,7 +33,7 @@ from model.instruction_data import (
     instruction_collate,
     read_instruction_file,
 )
-from model.tasks import ClassificationTask, InstructionTask, PretrainTask
+from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
 from model.tokenizer import gpt2_tokenizer
 
 
@@ -144,17 +144,17 @@ def test_sliding_window_count_follows_the_stride():
 
 def test_strided_epochs_are_reproducible_and_resumable():
     tokens = np.arange(200)
-    task = PretrainTask(tokens, tokens, block_size=8, batch_size=4, seed=3, stride=8)
+    task = PretrainObjective(tokens, tokens, block_size=8, batch_size=4, seed=3, stride=8)
     epoch = [task.batch(i)[0] for i in range(6)]  # 24 windows of 8 make 6 batches of 4
     starts = torch.cat(epoch)[:, 0]
     assert sorted(starts.tolist()) == list(range(0, 192, 8))  # all 24 windows, each once
     # batch i is a function of the seed and i: a resumed run takes up at any batch
-    again = PretrainTask(tokens, tokens, block_size=8, batch_size=4, seed=3, stride=8)
+    again = PretrainObjective(tokens, tokens, block_size=8, batch_size=4, seed=3, stride=8)
     assert all(torch.equal(epoch[i], again.batch(i)[0]) for i in (5, 2, 0))
     next_epoch = torch.cat([task.batch(i)[0] for i in range(6, 12)])
     assert sorted(next_epoch[:, 0].tolist()) == sorted(starts.tolist()) and not torch.equal(next_epoch,
                                                                                               torch.cat(epoch))
-    other_seed = PretrainTask(tokens, tokens, block_size=8, batch_size=4, seed=4, stride=8)
+    other_seed = PretrainObjective(tokens, tokens, block_size=8, batch_size=4, seed=4, stride=8)
     assert not torch.equal(torch.cat(epoch), torch.cat([other_seed.batch(i)[0] for i in range(6)]))
 
 
@@ -254,13 +254,13 @@ def test_classification_batches_trim_and_shuffle_reproducibly(tok):
     data = ClassificationData(["a b c d e", "f", "g h", "i j k"], [0, 1, 0, 1], ["no", "yes"])
     ids, lengths = encode_classification(data.texts, tok)
     labels = torch.tensor(data.labels)
-    task = ClassificationTask((ids, lengths, labels), (ids, lengths, labels), batch_size=2, seed=0)
+    task = ClassificationObjective((ids, lengths, labels), (ids, lengths, labels), batch_size=2, seed=0)
     epoch = [task.batch(i) for i in range(2)]
     for batch_ids, batch_lengths, _ in epoch:  # each batch as wide as its longest text
         assert batch_ids.shape == (2, int(batch_lengths.max()))
     assert sorted(torch.cat([b[1] for b in epoch]).tolist()) == sorted(lengths.tolist())
     assert sorted(torch.cat([b[2] for b in epoch]).tolist()) == sorted(data.labels)
-    again = ClassificationTask((ids, lengths, labels), (ids, lengths, labels), batch_size=2, seed=0)
+    again = ClassificationObjective((ids, lengths, labels), (ids, lengths, labels), batch_size=2, seed=0)
     for batch, same in zip(epoch, [again.batch(i) for i in range(2)], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(batch, same, strict=True))
 
@@ -307,7 +307,7 @@ def test_encode_instruction_splits_prompt_and_response(tok):
     ids, prompt_length = encode_instruction(record, tok)
     assert ids == tok.encode(format_prompt(record) + format_response(record))
     assert ids[:prompt_length] == tok.encode(format_prompt(record))
-    task = InstructionTask([(ids, prompt_length)] * 5, [(ids, prompt_length)], batch_size=2, mask_prompt=True)
+    task = InstructionObjective([(ids, prompt_length)] * 5, [(ids, prompt_length)], batch_size=2, mask_prompt=True)
     inputs, targets = task.batch(0)
     assert inputs.shape == targets.shape == (2, len(ids))
     assert (targets[:, : prompt_length - 1] == -100).all() and (targets[:, prompt_length - 1:] != -100).all()

@@ -8,7 +8,7 @@ from model import GPT, GPTConfig
 from model.checkpoint import load_checkpoint, read_metadata
 from model.classifier import GPTClassifier, freeze_for_finetune
 from model.lora import LoRAConfig, apply_lora
-from model.tasks import ClassificationTask, InstructionTask, PretrainTask
+from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import Callback, TrainConfig, Trainer
 
@@ -22,7 +22,7 @@ def verdict_tokens(shared_data):
 
 def pretrain_task(tokens, stride=None):
     split = int(len(tokens) * 0.9)
-    return PretrainTask(tokens[:split], tokens[split:], block_size=16, batch_size=4, seed=3, stride=stride)
+    return PretrainObjective(tokens[:split], tokens[split:], block_size=16, batch_size=4, seed=3, stride=stride)
 
 
 class Recorder(Callback):
@@ -156,7 +156,7 @@ def test_classifier_finetuning_learns_and_only_trains_the_chosen_layers(tmp_path
     freeze_for_finetune(model, trainable_blocks=2)
     frozen_before = model.gpt.wte.weight.detach().clone()
     train, val = synthetic_classification(256, 1), synthetic_classification(64, 2)
-    task = ClassificationTask(train, val, batch_size=16)
+    task = ClassificationObjective(train, val, batch_size=16)
     config = TrainConfig(max_steps=100, learning_rate=1e-2, eval_interval=100, eval_batches=4)
     result = Trainer(model, task, config, gpt2_tokenizer(), tmp_path, label_names=["no", "yes"]).train()
     assert result.metrics["val_accuracy"] >= 0.9
@@ -185,7 +185,7 @@ def test_instruction_finetuning_lowers_the_validation_loss(tmp_path):
     records = [(tokenizer.encode(f"### Instruction:\nRepeat {w}\n\n### Response:\n{w} {w}"), 8)
                for w in ("cat", "dog", "sun", "sea", "red", "blue", "tree", "rock")]
     torch.manual_seed(0)
-    task = InstructionTask(records[:6], records[6:], batch_size=3)
+    task = InstructionObjective(records[:6], records[6:], batch_size=3)
     config = TrainConfig(max_steps=30, learning_rate=5e-3, eval_interval=15, eval_batches=1)
     recorder = Recorder()
     Trainer(GPT(CONFIG), task, config, tokenizer, tmp_path, recorder).train()
@@ -195,4 +195,4 @@ def test_instruction_finetuning_lowers_the_validation_loss(tmp_path):
 
 def test_pretrain_task_rejects_too_little_data():
     with pytest.raises(ValueError, match="validation split has 5 tokens"):
-        PretrainTask(np.arange(100), np.arange(5), block_size=16, batch_size=2)
+        PretrainObjective(np.arange(100), np.arange(5), block_size=16, batch_size=2)

@@ -1,6 +1,6 @@
 """What the Trainer trains on: pretraining, classification finetuning and instruction finetuning.
 
-Each task turns a global micro-batch index into a batch deterministically (seed + index), so a resumed
+Each objective turns a global micro-batch index into a batch deterministically (seed + index), so a resumed
 run sees exactly the batches an uninterrupted run would have seen.
 """
 
@@ -27,7 +27,7 @@ def _epoch_rows(n_rows: int, batch_size: int, seed: int, index: int) -> np.ndarr
     return order[position * batch_size: (position + 1) * batch_size]
 
 
-class PretrainTask:
+class PretrainObjective:
     """Next-token prediction on token windows: random windows (nanoGPT) or strided windows (the book)."""
 
     kind = "lm"
@@ -71,7 +71,7 @@ class PretrainTask:
         return {"val_loss": loss, "val_perplexity": perplexity(loss)}
 
 
-class ClassificationTask:
+class ClassificationObjective:
     """Texts with labels for a GPTClassifier: batches of right-padded ids, their lengths and labels."""
 
     kind = "classifier"
@@ -111,7 +111,7 @@ class ClassificationTask:
         return {"val_loss": total / n, "val_accuracy": correct / n}
 
 
-class InstructionTask:
+class InstructionObjective:
     """Alpaca-style records, already tokenized as (ids, prompt length), for next-token finetuning."""
 
     kind = "lm"
