@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import select
@@ -54,7 +54,6 @@ class Served:
     error: str | None = None
     current: Loaded | None = None  # what it serves now (the previous checkpoint while a new one loads)
     loading_id: str | None = None
-    retired: list[Loaded] = field(default_factory=list)
 
 
 class NotServing(Exception):

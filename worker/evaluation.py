@@ -73,8 +73,7 @@ class Steps:
     def __init__(self, reporter: JobReporter, totals: list[int]):
         self.reporter, self.totals, self.total = reporter, totals, sum(totals)
         self.started = time.monotonic()
-        self._report(0, eta_s=None)
-        reporter.flush()  # the job shows its total at once
+        self._report(0, eta_s=None)  # a fresh reporter writes at once: the job shows its total
 
     def _report(self, step: int, eta_s: float | None) -> None:
         self.reporter.on_progress(TrainProgress(step=step, total_steps=self.total, tokens_seen=0, tokens_per_s=None,

@@ -3,6 +3,8 @@ its own body (TGI's `{error, error_type}`, OpenAI's `{"error": {...}}`) and its 
 
 from typing import NamedTuple
 
+from pydantic import ValidationError
+
 from serving.client import GenerationFailed, Overloaded
 from serving.deployments import NotServing
 
@@ -15,6 +17,13 @@ class Failure(NamedTuple):
 
 NOT_SERVING = {NotServing.Reason.MISSING: (404, "not_found"), NotServing.Reason.NO_DEFAULT: (503, "unavailable"),
                NotServing.Reason.LOADING: (503, "unavailable"), NotServing.Reason.WRONG_TASK: (None, "validation")}
+
+
+def first_problem(error: ValidationError) -> tuple[str | None, str]:
+    """(the field, the message) of a request body's first validation error, as both protocols word it."""
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return param, f"{param}: {first['msg']}" if param else first["msg"]
 
 
 def failure_of(error: Exception) -> Failure | None:

@@ -13,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import APIError
-from app.protocols.failures import failure_of
+from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, format_chat
 from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
@@ -82,9 +82,8 @@ async def parse(request: Request, schema: type[Sampling]) -> Sampling:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the body is not valid JSON") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        param, message = first_problem(e)
+        raise APIError(400, message, param=param) from None
 
 
 def serving(engines: EngineClient, name: str | None) -> Model:

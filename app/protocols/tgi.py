@@ -8,7 +8,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import RETRY_AFTER_S
-from app.protocols.failures import failure_of
+from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
@@ -74,9 +74,7 @@ async def parse(request: Request) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise TGIError(422, f"{where}: {first['msg']}" if where else first["msg"], "validation") from None
+        raise TGIError(422, first_problem(e)[1], "validation") from None
 
 
 def serving(engines: EngineClient, deployment: str | None) -> Model:
