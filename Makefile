@@ -13,9 +13,10 @@ endif
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
-	$(PYTHON) -m pip install --disable-pip-version-check -q torch==2.13.0
-	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build. No byte-compiling
+	# at install (half the install's time): Python compiles the modules it imports as it first imports them.
+	$(PYTHON) -m pip install --disable-pip-version-check --no-compile -q torch==2.13.0
+	$(PYTHON) -m pip install --disable-pip-version-check --no-compile -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,13 +28,14 @@ demo: $(STAMP)
 	$(VENV)/bin/scratchllm demo
 
 # the suite's layers (tests/conftest.py): unit needs no server, api runs on SQLite, integration on PostgreSQL
-# and Redis with real workers
+# and Redis with real workers. The API tests are CPU-bound (two processes for two cores); the integration
+# tests mostly wait for worker processes, so three of them share the cores.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests/unit
-	$(VENV)/bin/python -m pytest tests/api -m "not integration"
-	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration
+	$(VENV)/bin/python -m pytest tests/api -m "not integration" -n 2
+	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration -n 3
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_speed.py

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.db import Database
 from core.tables import Checkpoint
@@ -161,10 +162,12 @@ def judge_model() -> GPT:
     records = [{**r, "output": "85"} for r in INSTRUCTIONS]
     records += [{"instruction": judge_prompt(r, "85"), "input": "", "output": "85"} for r in INSTRUCTIONS]
     x, y = instruction_collate([encode_instruction(r, tokenizer) for r in records], mask_prompt=True)
+    answers = y != -100  # the loss of a masked prompt is 0: the LM head runs on the answers only
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(40):
         optimizer.zero_grad()
-        model(x, y)[1].backward()
+        logits = F.linear(model.hidden_states(x)[answers], model.output_weight)
+        F.cross_entropy(logits, y[answers]).backward()
         optimizer.step()
     return model.eval()
 
