@@ -13,10 +13,9 @@ endif
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build. No byte-compiling
-	# at install (half the install's time): Python compiles the modules it imports as it first imports them.
-	$(PYTHON) -m pip install --disable-pip-version-check --no-compile -q torch==2.13.0
-	$(PYTHON) -m pip install --disable-pip-version-check --no-compile -q -e '.[dev]'
+	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PYTHON) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PYTHON) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
