@@ -33,8 +33,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests/unit
-	$(VENV)/bin/python -m pytest tests/api -m "not integration" -n 2
-	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration -n 3
+	$(VENV)/bin/python -m pytest tests/api -m "not integration" -n 2 --dist worksteal
+	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration -n 3 --dist worksteal
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_speed.py
