@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.auth import Authenticate, Reader
+from app.bodies import LimitBodies
 from app.deps import Services, ServicesDep
 from app.errors import error_body, install_error_handlers
 from app.metrics import CountRequests, Metrics
@@ -35,8 +37,10 @@ def _services(settings: Settings, metrics: Metrics) -> Services:
     database = Database(settings.sqlalchemy_url)
     manager = DeploymentManager(database, settings.storage, settings.serving_max_batch, settings.serving_max_queue,
                                 metrics)
+    engines = EngineClient(manager, metrics, settings.generation_timeout_s, settings.serving_max_prompt_chars,
+                           settings.serving_max_classify_batches)
     return Services(settings=settings, database=database, queue=JobQueue(settings), deployments=manager,
-                    engines=EngineClient(manager, metrics, settings.generation_timeout_s), metrics=metrics)
+                    engines=engines, metrics=metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,7 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ScratchLLM", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
-    app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(corpora.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
@@ -69,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(openai_compat.router)
     app.include_router(generation.router, prefix="/d/{deployment}")
+    # the last added runs first: count every request, then know the caller, then read a bounded body
+    app.add_middleware(LimitBodies, limit=settings.max_request_bytes)
+    app.add_middleware(Authenticate, settings=settings)
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.get("/livez", tags=["health"])
     def livez() -> dict:
@@ -76,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health", tags=["health"])
     async def health(services: ServicesDep):
-        """Ready: the database answers and the default deployment is loaded; 503 with the reason otherwise."""
+        """Ready: the database answers and the default deployment is loaded; 503 with the reason otherwise.
+        Public, so it names no deployment or checkpoint (GET /v1/deployments does, with a key)."""
         def database_answers() -> None:
             with services.database.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
@@ -88,11 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = services.deployments.get(None)
         if served is None or served.current is None:
             reason = "no default deployment" if served is None else (
-                served.error or f"the default deployment {served.name} is loading")
+                "the default deployment failed to load" if served.error else "the default deployment is loading")
             return JSONResponse(error_body(503, reason, type_="unavailable"), 503)
-        return {"status": "ok", "default_deployment": served.name, "checkpoint_id": served.current.checkpoint_id}
+        return {"status": "ok"}
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], dependencies=[Reader])
     def prometheus_metrics(services: ServicesDep) -> Response:
         for name, engine in services.deployments.engines():
             waiting, running = engine.load

@@ -10,10 +10,13 @@ from pathlib import Path
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 
+from app.bodies import allow_body
 from app.errors import APIError
 
 MAX_FIELD_BYTES = 64 * 1024
+MAX_PARTS = 16
 
 
 @dataclass
@@ -55,7 +58,7 @@ class _Receiver:
         self.header_value = b""
         self.part_name: str | None = None
         self.part_value = bytearray()
-        self.error: APIError | None = None
+        self.parts = 0
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self.part_begin, "on_part_data": self.part_data, "on_part_end": self.part_end,
@@ -63,6 +66,9 @@ class _Receiver:
                 "on_header_end": self.header_end, "on_headers_finished": self.headers_finished}
 
     def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise APIError(413, f"the form has more than {MAX_PARTS} parts")
         self.headers, self.part_name, self.part_value = {}, None, bytearray()
 
     def header_field_data(self, data: bytes, start: int, end: int) -> None:
@@ -123,8 +129,10 @@ async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: in
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise APIError(415, f"send multipart/form-data with the part(s) {', '.join(map(repr, paths))}")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES * 8:
+    allowance = max_bytes + MAX_FIELD_BYTES * 8  # the files, and room for the form's other fields
+    if declared is not None and declared.isdigit() and int(declared) > allowance:
         raise APIError(413, f"the request exceeds the upload limit of {max_bytes:,} bytes")
+    allow_body(request.scope, allowance)
     receiver = _Receiver(paths, max_bytes)
     parser = MultipartParser(options[b"boundary"], receiver.callbacks())
 
@@ -137,7 +145,7 @@ async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: in
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except APIError:
+    except (APIError, HTTPException):
         discard()
         raise
     except Exception as e:  # the multipart parser's own errors: a malformed body

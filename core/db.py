@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, literal
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -38,6 +40,29 @@ class UTCDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+class database_now(FunctionElement):
+    """The database server's clock plus seconds: the one clock that lease times are stamped and judged by,
+    whatever the clocks of the API and worker machines say."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(database_now)
+def _postgresql_now(element, compiler, **kw) -> str:
+    return f"CURRENT_TIMESTAMP + make_interval(secs => {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(database_now, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    # CURRENT_TIMESTAMP has whole seconds there, too coarse for sub-second heartbeats; this text (UTC, in
+    # milliseconds) sorts correctly against the microsecond text SQLAlchemy stores for a DateTime
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', {compiler.process(element.clauses, **kw)} || ' seconds')"
 
 
 class Base(DeclarativeBase):

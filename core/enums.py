@@ -28,11 +28,12 @@ class EvaluationKind(StrEnum):
 
 
 class KeyScope(StrEnum):
-    """API key scopes, each allowing what the ones before it allow."""
+    """API key scopes, each allowing what the ones before it allow (docs/DEPLOY.md, "Security")."""
 
-    READ = "read"
-    TRAIN = "train"
-    ADMIN = "admin"
+    READ = "read"  # read everything but keys; generate and classify
+    TRAIN = "train"  # upload corpora, import checkpoints, start and cancel jobs and evaluations
+    DEPLOY = "deploy"  # change what is served; delete corpora and checkpoints
+    ADMIN = "admin"  # manage API keys
 
     @property
     def rank(self) -> int:

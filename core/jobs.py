@@ -3,24 +3,27 @@ together with its event row, so two workers, a worker and the reaper, or a worke
 same job can never both win.
 
     create          -> queued
+    queued          -> queued      resend_unclaimed (still queued long after it was sent: its message may be lost)
     queued          -> running     claim (also a running job whose lease went stale: a redelivered message)
     queued          -> cancelled   request_cancel (a running job is only asked: its worker finishes it)
-    queued          -> failed      fail_unqueued (the broker refused the job)
+    queued          -> failed      fail_unqueued (the broker refused the job); claim, at the attempt cap
     running         -> running     heartbeat (renews the lease; tells a worker it was cancelled or lost the job)
     running         -> succeeded | failed | cancelled   finish
     running         -> queued      hand_back (a worker shutting down), requeue_stale (a worker gone silent)
     running         -> cancelled   hand_back and requeue_stale, when the job was being cancelled
+    running         -> failed      requeue_stale and claim, at the attempt cap (the job may be killing its workers)
 
-Sending a queued job to the workers is the caller's: core.queue.JobQueue, after the transition commits.
+Sending a queued job to the workers is the caller's: core.queue.JobQueue, after the transition commits; every
+transition to queued stamps sent_at for that send. Lease times are the database's clock (core.db.database_now):
+the clocks of the machines that stamp and judge them may disagree.
 """
 
-from datetime import timedelta
 from enum import StrEnum
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from core.db import utcnow
+from core.db import database_now
 from core.enums import CorpusKind
 from core.errors import Conflict
 from core.tables import Job, JobEvent
@@ -72,7 +75,7 @@ def _event(session: Session, job_id: str, message: str, status: JobStatus | None
 
 def create(session: Session, message: str = "job queued", **columns) -> Job:
     """A new queued job with the given columns, and its first event."""
-    job = Job(status=JobStatus.QUEUED, **columns)
+    job = Job(status=JobStatus.QUEUED, sent_at=database_now(), **columns)
     session.add(job)
     session.flush()
     _event(session, job.id, message, JobStatus.QUEUED)
@@ -82,31 +85,36 @@ def create(session: Session, message: str = "job queued", **columns) -> Job:
 def fail_unqueued(session: Session, job_id: str, error: str) -> bool:
     """A queued job the broker did not take fails at once: it must not sit queued forever."""
     done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(
-        status=JobStatus.FAILED, error=error, finished_at=utcnow())).rowcount
+        status=JobStatus.FAILED, error=error, finished_at=database_now())).rowcount
     if done:
         _event(session, job_id, error, JobStatus.FAILED, level="error")
     return bool(done)
 
 
-def claim(session: Session, job_id: str, owner: str, timeout_s: float) -> bool:
-    """Take the job if it is queued, or running under a lease whose heartbeat is older than timeout_s."""
-    now = utcnow()
-    taken = session.execute(update(Job).where(
-        Job.id == job_id, Job.cancel_requested.is_(False),
-        or_(Job.status == JobStatus.QUEUED,
-            (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < now - timedelta(seconds=timeout_s))),
-    ).values(status=JobStatus.RUNNING, lease_owner=owner, heartbeat_at=now, attempts=Job.attempts + 1,
-             started_at=now)).rowcount
-    if taken:
+def claim(session: Session, job_id: str, owner: str, timeout_s: float, max_attempts: int) -> bool:
+    """Take the job if it is queued, or running under a lease whose heartbeat is older than timeout_s; one that
+    already started max_attempts times fails instead (a job left queued at the cap would wait forever)."""
+    takeable = (Job.id == job_id, Job.cancel_requested.is_(False),
+                or_(Job.status == JobStatus.QUEUED,
+                    (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < database_now(-timeout_s))))
+    now = database_now()
+    if session.execute(update(Job).where(*takeable, Job.attempts < max_attempts).values(
+            status=JobStatus.RUNNING, lease_owner=owner, heartbeat_at=now, attempts=Job.attempts + 1,
+            started_at=now)).rowcount:
         _event(session, job_id, f"job running on {owner}", JobStatus.RUNNING, data={"worker": owner})
-    return bool(taken)
+        return True
+    error = f"the job reached the attempt cap ({max_attempts} starts) and may not start again"
+    if session.execute(update(Job).where(*takeable, Job.attempts >= max_attempts).values(
+            status=JobStatus.FAILED, lease_owner=None, eta_s=None, error=error, finished_at=now)).rowcount:
+        _event(session, job_id, error, JobStatus.FAILED, level="error")
+    return False
 
 
 def heartbeat(session: Session, job_id: str, owner: str, **progress) -> Lease:
     """Renew the lease, writing the progress columns given (step, tokens_seen, train_loss, ...)."""
     cancel_requested = session.scalar(
         update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
-        .values(heartbeat_at=utcnow(), **progress).returning(Job.cancel_requested))
+        .values(heartbeat_at=database_now(), **progress).returning(Job.cancel_requested))
     if cancel_requested is None:
         return Lease.LOST
     return Lease.CANCEL_REQUESTED if cancel_requested else Lease.HELD
@@ -118,7 +126,7 @@ def request_cancel(session: Session, job: Job) -> None:
         raise JobFinished(job)
     # conditional: a worker may be taking the job at this very moment
     cancelled = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED).values(
-        status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow())).rowcount
+        status=JobStatus.CANCELLED, cancel_requested=True, finished_at=database_now())).rowcount
     if cancelled:
         _event(session, job.id, "job cancelled before it started", JobStatus.CANCELLED)
     else:
@@ -139,7 +147,7 @@ def finish(session: Session, job_id: str, owner: str, status: JobStatus, message
         raise ValueError(f"{status} is not a final status")
     done = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
                                              Job.status == JobStatus.RUNNING).values(
-        status=status, lease_owner=None, error=error, finished_at=utcnow(), eta_s=None)).rowcount
+        status=status, lease_owner=None, error=error, finished_at=database_now(), eta_s=None)).rowcount
     if done:
         _event(session, job_id, message, status, level="error" if error else "info", data=data)
     return bool(done)
@@ -150,36 +158,58 @@ def hand_back(session: Session, job_id: str, owner: str, message: str) -> bool:
     once committed; a job being cancelled ends cancelled instead."""
     ours = (Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
     if session.execute(update(Job).where(*ours, Job.cancel_requested.is_(True)).values(
-            status=JobStatus.CANCELLED, lease_owner=None, eta_s=None, finished_at=utcnow())).rowcount:
+            status=JobStatus.CANCELLED, lease_owner=None, eta_s=None, finished_at=database_now())).rowcount:
         _event(session, job_id, "job cancelled as its worker shut down", JobStatus.CANCELLED)
         return False
-    done = session.execute(update(Job).where(*ours).values(status=JobStatus.QUEUED, lease_owner=None,
-                                                           eta_s=None)).rowcount
+    done = session.execute(update(Job).where(*ours).values(status=JobStatus.QUEUED, lease_owner=None, eta_s=None,
+                                                           sent_at=database_now())).rowcount
     if done:
         _event(session, job_id, message, JobStatus.QUEUED)
     return bool(done)
 
 
-def requeue_stale(session: Session, timeout_s: float) -> list[str]:
+def requeue_stale(session: Session, timeout_s: float, max_attempts: int) -> list[str]:
     """Put back in the queue every running job whose worker has been silent for timeout_s (one that was being
-    cancelled ends cancelled instead); the ids of the re-queued, to send again once committed."""
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
-    stale = session.execute(select(Job.id, Job.lease_owner, Job.cancel_requested).where(
-        Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)).all()
+    cancelled ends cancelled, one on its last attempt fails); the ids of the re-queued, to send again once
+    committed."""
+    stale = (Job.status == JobStatus.RUNNING, Job.heartbeat_at < database_now(-timeout_s))
     requeued = []
-    for job_id, owner, cancelling in stale:
-        status = JobStatus.CANCELLED if cancelling else JobStatus.QUEUED
-        taken = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
-                                                  Job.lease_owner == owner, Job.heartbeat_at < cutoff)
-                                .values(status=status, lease_owner=None, eta_s=None,
-                                        finished_at=utcnow() if cancelling else None)).rowcount
+    for job_id, owner, cancelling, attempts in session.execute(
+            select(Job.id, Job.lease_owner, Job.cancel_requested, Job.attempts).where(*stale)).all():
+        status, message, columns = _after_silence(owner, cancelling, attempts, max_attempts)
+        taken = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                  Job.attempts == attempts, *stale)
+                                .values(status=status, lease_owner=None, eta_s=None, **columns)).rowcount
         if not taken:
             continue
-        if cancelling:
-            _event(session, job_id, f"worker {owner} went silent while the job was being cancelled; job cancelled",
-                   status, level="warning")
-        else:
-            _event(session, job_id, f"worker {owner} went silent; job re-queued to resume from its last checkpoint",
-                   status, level="warning")
+        _event(session, job_id, message, status, level="error" if status == JobStatus.FAILED else "warning")
+        if status == JobStatus.QUEUED:
             requeued.append(job_id)
     return requeued
+
+
+def _after_silence(owner: str, cancelling: bool, attempts: int, max_attempts: int) -> tuple[JobStatus, str, dict]:
+    """What becomes of a running job whose worker went silent: its status, its event's message, its columns."""
+    if cancelling:
+        return (JobStatus.CANCELLED, f"worker {owner} went silent while the job was being cancelled; job cancelled",
+                {"finished_at": database_now()})
+    if attempts >= max_attempts:
+        # a job that kills its worker (out of memory, say) would otherwise kill one every heartbeat timeout
+        error = (f"its worker went silent on attempt {attempts}, the attempt cap ({max_attempts} starts): "
+                 "the job may be what kills its workers, e.g. by running out of memory")
+        return JobStatus.FAILED, f"worker {owner} went silent; job failed: {error}", {
+            "error": error, "finished_at": database_now()}
+    return (JobStatus.QUEUED, f"worker {owner} went silent; job re-queued to resume from its last checkpoint",
+            {"sent_at": database_now()})
+
+
+def resend_unclaimed(session: Session, after_s: float) -> list[str]:
+    """The ids of the jobs still queued after_s after they were sent, to send again once committed: their
+    message may be lost (a send that failed after its transition committed, a broker that dropped it). A job
+    merely waiting for a free worker is sent twice, which claim makes harmless."""
+    job_ids = session.scalars(update(Job).where(Job.status == JobStatus.QUEUED, Job.sent_at < database_now(-after_s))
+                              .values(sent_at=database_now()).returning(Job.id)).all()
+    for job_id in job_ids:
+        _event(session, job_id, f"job still queued {after_s:g} s after it was sent; sent again", type_="resend",
+               level="warning")
+    return job_ids

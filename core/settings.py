@@ -3,9 +3,10 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.outbound import host_and_port
 from core.storage import DataDir
 
 
@@ -17,21 +18,47 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker; default: a folder in the data dir")
     training_queue: str = "gpu"
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
-    api_keys_required: bool = Field(False, description="refuse requests without a key even before one exists")
+    api_keys_required: bool = Field(True, description="false: no keys, for one user on this machine only (what "
+                                                      "`scratchllm up` on a loopback address sets)")
+    max_request_bytes: int = Field(1024**2, gt=0, description="the largest request body but an upload's")
+    max_connections: int = Field(512, ge=1, description="concurrent connections the API serves; past it, 503")
     worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker: one per GPU")
     worker_soft_shutdown_s: float = Field(60.0, gt=0)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")
+    max_attempts: int = Field(3, ge=1, description="a job starts at most this often: one whose worker went silent "
+                              "on the last attempt (killed by the job, say out of memory) fails instead")
+    resend_queued_after_s: float = Field(300.0, gt=0, description="a job still queued this long after it was sent "
+                                         "is sent again: its broker message may be lost")
     broker_polling_interval_s: float = Field(0.1, gt=0)
     serving_max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together per deployment")
     serving_max_queue: int = Field(64, ge=0, description="requests waiting per deployment before 429")
+    serving_max_prompt_chars: int = Field(32_768, ge=1, description="the longest prompt or text to classify, in "
+                                          "characters: a longer one is refused (413) before it is tokenized")
+    serving_max_classify_batches: int = Field(2, ge=1, description="classification batches run at once per "
+                                              "deployment before 429")
     generation_timeout_s: float = Field(300.0, gt=0, description="a generation request waits this long for a token")
     deployment_sync_interval_s: float = Field(2.0, gt=0, description="how soon a change reaches other API processes")
+    judge_allowed_hosts: list[str] = Field([], description=(
+        "host[:port] entries (a JSON list) an evaluation's judge may reach although they resolve to loopback, "
+        "private or link-local addresses: this service's own address, to judge with its own /v1/chat/completions "
+        "(e.g. localhost:8000), or a judge on the local network; an entry without a port allows every port. "
+        "Any other judge must resolve to public addresses only"))
+    secret_key: SecretStr | None = Field(None, description=(
+        "encrypts the secrets kept in the database (a judge's API key); the same on the API and the workers. "
+        "Default: a random key made once in the data dir (secret.key); set it to keep the key out of the data dir"))
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("judge_allowed_hosts")
+    @classmethod
+    def _host_and_port(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            host_and_port(entry)
+        return entries
 
     @property
     def storage(self) -> DataDir:

@@ -1,6 +1,7 @@
 """The data directory's layout: every path inside it is spelled here and nowhere else.
 
     scratchllm.db                       the embedded (SQLite) database
+    secret.key                          encrypts the secrets in the database, unless SCRATCHLLM_SECRET_KEY is set
     broker/                             the embedded (filesystem) Celery broker
     corpora/<corpus id>/data.<format>   an uploaded corpus, under the format it was checked as
     checkpoints/<job id>/step-NNNNNNN/  a training job's checkpoints (the Trainer names the steps)
@@ -26,6 +27,10 @@ class DataDir:
     @property
     def database_file(self) -> Path:
         return self.root / "scratchllm.db"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.root / "secret.key"
 
     @property
     def broker(self) -> Path:

@@ -26,6 +26,7 @@ from torch import nn
 from model.classifier import GPTClassifier
 from model.config import ConfigError, GPTConfig
 from model.gpt import GPT
+from model.json_text import parse_json
 from model.lora import LoRAConfig, apply_lora, has_lora
 from model.tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -104,7 +105,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory")
     try:
-        meta = json.loads((path / CONFIG).read_text())
+        meta = parse_json((path / CONFIG).read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path} has no {CONFIG}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.json_text import parse_json
 from model.tokenizer import Tokenizer
 
 
@@ -127,7 +128,7 @@ def jsonl_values(path: Path, text: str) -> Iterator[tuple[int, object]]:
         if not row.strip():
             continue
         try:
-            yield line, json.loads(row)
+            yield line, parse_json(row)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line) from None
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.json_text import parse_json
 from model.lora import has_lora
 
 WEIGHTS = "model.safetensors"
@@ -59,11 +60,11 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
 
 
 def _read_directory(path: Path) -> tuple[dict[str, Tensor], dict]:
-    config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    config = parse_json((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
     if (path / WEIGHTS).is_file():
         return _read_safetensors(path / WEIGHTS), config
     if (path / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        shards = sorted(set(parse_json((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(_read_safetensors(path / shard))

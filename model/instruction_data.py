@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from model.classification_data import DataFormatError, jsonl_values, read_utf8
+from model.json_text import parse_json
 from model.tokenizer import Tokenizer
 
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -34,7 +35,7 @@ def _check_record(path: Path, record, number: int, where: str) -> dict:
 
 def _json_records(path: Path, text: str) -> list[dict]:
     try:
-        records = json.loads(text)
+        records = parse_json(text)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", e.lineno) from None
     if not isinstance(records, list):

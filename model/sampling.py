@@ -37,7 +37,9 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     """CTRL's penalty: divide positive, multiply negative logits [B, V] of the ids in seen [B, S]."""
     picked = logits.gather(1, seen)
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(1, seen, picked)
+    # a penalty past what the float type holds (1e-300, 1e300) saturates a logit rather than making it inf,
+    # and leaves a logit of 0 (neither encouraged nor discouraged) at 0 rather than NaN (0 * inf)
+    return logits.scatter(1, seen, picked.nan_to_num(0.0))
 
 
 def filter_top_k(logits: Tensor, k: int) -> Tensor:
@@ -54,6 +56,7 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     sorted_probs = sorted_logits.softmax(dim=-1)
     drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p  # mass before this token already >= p
+    drop_sorted[..., 0] = False  # the likeliest token stays, even for a p that rounds to 0 in float32
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -63,15 +66,22 @@ def next_token(logits: Tensor, params: SamplingParams, seen: Tensor | None = Non
     """Next token ids [B] from logits [B, V]; one generator per row makes each row reproducible."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    greedy = logits.argmax(dim=-1)
     if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+        return greedy
+    scaled = logits.float() / params.temperature
+    # Too cold to sample from: the largest scaled logit overflowed float32 (or is NaN, 0 / 0) and softmax would
+    # be NaN. Sampling tends to greedy as the temperature falls, so such a row takes the argmax (which no
+    # filter removes).
+    frozen = ~(scaled.amax(dim=-1) < float("inf"))
     if params.top_k is not None:
-        logits = filter_top_k(logits, params.top_k)
+        scaled = filter_top_k(scaled, params.top_k)
     if params.top_p is not None:
-        logits = filter_top_p(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
+        scaled = filter_top_p(scaled, params.top_p)
+    probs = scaled.softmax(dim=-1).masked_fill(frozen[:, None], 1.0)  # any valid distribution: its draw is unused
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generators,
-                                                                                         strict=True)])
+        sampled = torch.multinomial(probs, 1).squeeze(-1)
+    else:
+        sampled = torch.cat([torch.multinomial(row[None], 1, generator=g)[0]
+                             for row, g in zip(probs, generators, strict=True)])
+    return torch.where(frozen, greedy, sampled)

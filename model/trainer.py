@@ -116,6 +116,10 @@ class Callback:
 
     def on_sample(self, step: int, text: str) -> None: ...
 
+    def may_checkpoint(self) -> bool:
+        """Asked before each checkpoint is written: False skips it (the run is no longer the caller's to save)."""
+        return True
+
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None: ...
 
     def should_stop(self) -> bool:
@@ -233,13 +237,13 @@ class Trainer:
             if self._due(config.sample_interval) and self.objective.kind == "lm":
                 self.callback.on_sample(self.step, self.sample())
             if finished or self._due(config.checkpoint_interval):
-                result.checkpoint = self._checkpoint()
+                result.checkpoint = self._checkpoint() or result.checkpoint
             seconds_per_step = sum(step_times) / len(step_times)
             self.callback.on_progress(TrainProgress(
                 self.step, config.max_steps, self.tokens_seen, tokens / seconds_per_step,
                 seconds_per_step * (config.max_steps - self.step), loss, lr, self.metrics.get("val_loss")))
         if result.status == "stopped" and self.step > 0 and self._last_checkpoint_step != self.step:
-            result.checkpoint = self._checkpoint()
+            result.checkpoint = self._checkpoint() or result.checkpoint
         result.step = self.step
         result.metrics = dict(self.metrics)
         return result
@@ -287,7 +291,9 @@ class Trainer:
         self.model.train()
         return self.tokenizer.decode(out[0, len(prompt):].tolist())
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self) -> Path | None:
+        if not self.callback.may_checkpoint():
+            return None
         path = self.out_dir / f"step-{self.step:07d}"
         save_checkpoint(path, self.model, self.tokenizer, step=self.step, metrics=dict(self.metrics),
                         training_state=self.training_state(), **self.checkpoint_meta)

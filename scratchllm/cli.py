@@ -103,6 +103,14 @@ def _limit_malloc_arenas() -> None:
             ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def _refuse_open_mode_off_loopback(settings, host: str) -> None:
+    from app.auth import is_loopback_host
+
+    if not settings.api_keys_required and not is_loopback_host(host):
+        sys.exit(f"scratchllm: SCRATCHLLM_API_KEYS_REQUIRED=false serves without keys, which only a loopback "
+                 f"address may do, not --host {host}: require keys and create one with `scratchllm keys create`")
+
+
 def api(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -112,9 +120,10 @@ def api(args: argparse.Namespace) -> None:
     from core.settings import settings_from_environment
 
     settings = settings_from_environment()
+    _refuse_open_mode_off_loopback(settings, args.host)
     if args.migrate:
         upgrade(settings.sqlalchemy_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, limit_concurrency=settings.max_connections)
 
 
 def worker(_args: argparse.Namespace) -> None:
@@ -140,13 +149,17 @@ def up(args: argparse.Namespace) -> None:
     import uvicorn
 
     _limit_malloc_arenas()
+    from app.auth import is_loopback_host
     from app.main import create_app
     from core.migrate import upgrade
     from core.settings import Settings
 
     if args.data_dir:
         os.environ["SCRATCHLLM_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    # one user on this machine needs no keys; served beyond it, keys are required
+    os.environ.setdefault("SCRATCHLLM_API_KEYS_REQUIRED", str(not is_loopback_host(args.host)).lower())
     settings = Settings()
+    _refuse_open_mode_off_loopback(settings, args.host)
     os.environ["SCRATCHLLM_DATA_DIR"] = str(settings.data_dir)  # the worker sees the same folder
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
@@ -155,7 +168,7 @@ def up(args: argparse.Namespace) -> None:
     print(f"ScratchLLM at http://{args.host}:{args.port} (data in {settings.data_dir}; worker pid "
           f"{worker_process.pid}); Ctrl-C stops everything", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, limit_concurrency=settings.max_connections)
     finally:
         worker_process.terminate()
         try:

@@ -1,12 +1,14 @@
 """The asyncio client of the engines: it admits a request to a deployment's engine, delivers the events
 the engine thread produces onto the event loop, and turns every way an engine can fail into one of its
 errors. The protocol adapters (TGI, OpenAI, classify) translate shapes around it; none of them touches an
-engine. Tokenizing and classifying run off the event loop.
+engine. Tokenizing and classifying run off the event loop, on texts of a bounded size, and a deployment runs
+a bounded number of classification batches at once.
 """
 
 import asyncio
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from serving.metrics import ServingMetrics
 
 
 class Overloaded(Exception):
-    """The engine is full: every slot busy and the queue at its limit."""
+    """The engine is full (every slot busy and the queue at its limit), or the deployment runs as many
+    classification batches as it may."""
 
 
 class GenerationFailed(Exception):
@@ -35,6 +38,15 @@ class PromptTooLong(Exception):
     def __init__(self, n_tokens: int, context_length: int, input_index: int | None = None):
         super().__init__(f"{n_tokens} tokens; the context is {context_length}")
         self.n_tokens, self.context_length, self.input_index = n_tokens, context_length, input_index
+
+
+class PromptTooLarge(Exception):
+    """A prompt (or the input_index-th text to classify) longer in characters than the service tokenizes."""
+
+    def __init__(self, n_chars: int, limit: int, input_index: int | None = None):
+        what = "the prompt" if input_index is None else f"input {input_index}"
+        super().__init__(f"{what} holds {n_chars} characters; at most {limit} are accepted")
+        self.n_chars, self.limit, self.input_index = n_chars, limit, input_index
 
 
 def pick_seed(seed: int | None) -> int:
@@ -138,15 +150,25 @@ class Classified:
 
 
 class EngineClient:
-    def __init__(self, deployments: DeploymentManager, metrics: ServingMetrics, timeout_s: float):
+    def __init__(self, deployments: DeploymentManager, metrics: ServingMetrics, timeout_s: float,
+                 max_prompt_chars: int, max_classify_batches: int):
         self.deployments, self.metrics, self.timeout_s = deployments, metrics, timeout_s
+        self.max_prompt_chars, self.max_classify_batches = max_prompt_chars, max_classify_batches
+        self.classifying: dict[str, threading.BoundedSemaphore] = {}  # per deployment: its batches running
 
     def serving(self, name: str | None, task: CheckpointTask) -> Model:
         """The loaded deployment of that name (None: the default one) serving this task, or NotServing."""
         served = self.deployments.serving(name, task)
         return Model(served.name, served.current)
 
+    def _check_size(self, text: str, input_index: int | None = None) -> None:
+        """PromptTooLarge past the limit: tokenizing takes time in proportion to the text."""
+        if len(text) > self.max_prompt_chars:
+            raise PromptTooLarge(len(text), self.max_prompt_chars, input_index)
+
     async def encode(self, model: Model, text: str) -> list[int]:
+        """The prompt's token ids; PromptTooLarge past the size limit."""
+        self._check_size(text)
         return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
 
     @staticmethod
@@ -176,19 +198,30 @@ class EngineClient:
         return Generation(streams, len(prompt), self.timeout_s)
 
     async def classify(self, model: Model, texts: list[str], truncate: bool) -> Classified:
-        """Every class's probability for each text, in one batch; PromptTooLong names the first text too long
-        for the context unless truncate."""
+        """Every class's probability for each text, in one batch; PromptTooLarge names the first text past the
+        size limit, PromptTooLong the first too long for the context unless truncate; Overloaded when the
+        deployment runs as many batches as it may."""
+        for index, text in enumerate(texts):
+            self._check_size(text, index)
         loaded = model.loaded
         context = loaded.model.config.context_length
+        running = self.classifying.setdefault(model.name, threading.BoundedSemaphore(self.max_classify_batches))
+        if not running.acquire(blocking=False):
+            raise Overloaded(f"deployment {model.name} runs {self.max_classify_batches} classification batches")
 
         def run() -> Classified:
-            encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
-            too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
-            if too_long is not None and not truncate:
-                raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)
-            ids, lengths = encode_classification(texts, loaded.tokenizer, max_length=context,
-                                                pad_id=loaded.tokenizer.eot_id)
-            probabilities = loaded.model.predict_proba(ids[:, : int(lengths.max())], lengths)
-            return Classified(probabilities, loaded.meta["label_names"], sum(min(len(i), context) for i in encoded))
+            try:
+                encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
+                too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
+                if too_long is not None and not truncate:
+                    raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)
+                ids, lengths = encode_classification(texts, loaded.tokenizer, max_length=context,
+                                                    pad_id=loaded.tokenizer.eot_id)
+                probabilities = loaded.model.predict_proba(ids[:, : int(lengths.max())], lengths)
+                return Classified(probabilities, loaded.meta["label_names"],
+                                  sum(min(len(i), context) for i in encoded))
+            finally:
+                running.release()
 
-        return await asyncio.to_thread(run)
+        # shielded: a client that goes away leaves the batch to finish, and to hold its place until then
+        return await asyncio.shield(asyncio.to_thread(run))

@@ -4,9 +4,13 @@ Requests join the running batch at any decode step and leave it when they finish
 own slot in a shared KV cache, its own sampling parameters, seed, stop strings and token budget. A new
 request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
 sequences already running for long. Events are handed to each request's callback on the engine thread.
+
+A failure in one request's own work (its prefill, its sampling, its events, its callback) fails that request
+alone; only a failure of the batched decode step fails every request in flight.
 """
 
 import heapq
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +24,7 @@ from model.sampling import SamplingParams, next_token
 from model.streaming import StreamEvent, TextStream, token_event
 
 PREFILL_CHUNK = 128  # prompt tokens prefilled per engine iteration
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -37,7 +42,7 @@ class Request:
     seed: int | None = None
     aborted: bool = False
     # engine state
-    slot: int = -1
+    slot: int = -1  # -1 while it holds none: waiting, or ended
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
     text: TextStream | None = None
@@ -105,6 +110,9 @@ class Engine:
         if len(request.prompt) + 1 > self.context_length:
             raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context length "
                              f"{self.context_length}")
+        # an id past the embedding fails on the device, and on a GPU takes every other request down with it
+        if not 0 <= min(request.prompt) <= max(request.prompt) < self.model.config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
         with self.wakeup:
             if self.stopped:
                 raise RuntimeError("the engine is stopped")
@@ -130,13 +138,11 @@ class Engine:
                 try:
                     self._prefill_step()
                     self._decode_step()
-                except Exception as e:  # a fault of the engine: every request in flight learns of it
-                    for request in self.running:
-                        request.on_event(e)
-                        self._release(request)
-                    self.running = []
+                except Exception as e:  # the batched step failed: every request in flight learns of it
+                    for request in list(self.running):
+                        self._fail(request, e)
         for request in [*self.running, *self.waiting]:
-            request.on_event(RuntimeError("the engine stopped"))
+            self._fail(request, RuntimeError("the engine stopped"))
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
@@ -144,51 +150,79 @@ class Engine:
             if request.aborted:
                 continue
             request.slot = heapq.heappop(self.free_slots)  # the lowest: rows stay in slots 0..B-1
-            request.text = TextStream(self.tokenizer, request.stop)
-            request.generator = (make_generators(request.seed, 1, self.device) or [None])[0]
-            self.decoder.cache.lengths[request.slot] = 0
             self.running.append(request)
+            try:
+                request.text = TextStream(self.tokenizer, request.stop)
+                request.generator = (make_generators(request.seed, 1, self.device) or [None])[0]
+            except Exception as e:  # a seed torch refuses, say
+                self._fail(request, e)
 
-    def _release(self, request: Request) -> None:
+    def _end(self, request: Request) -> None:
+        """Take the request out of the batch; its slot is free, and empty for the next one."""
+        self.running.remove(request)
+        self.decoder.cache.lengths[request.slot] = 0
         heapq.heappush(self.free_slots, request.slot)
+        request.slot = -1
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """End this request with the error, the others going on."""
+        if request.slot >= 0:
+            self._end(request)
+        try:
+            request.on_event(error)
+        except Exception:  # its callback refuses even the error: nobody is left to tell
+            log.exception("the callback of a failed request raised")
 
     def _prefill_step(self) -> None:
         """Advance the prompt of one request that is still being prefilled, by one chunk."""
         for request in self.running:
             if request.logits is None and not request.aborted:
-                chunk = request.prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
-                idx = torch.tensor([chunk], device=self.device)
-                logits = self.decoder.logits(idx, torch.tensor([request.slot], device=idx.device))
-                request.prefilled += len(chunk)
-                if request.prefilled == len(request.prompt):
-                    request.logits = logits
+                try:
+                    self._prefill_chunk(request)
+                except Exception as e:
+                    self._fail(request, e)
                 return
+
+    def _prefill_chunk(self, request: Request) -> None:
+        chunk = request.prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
+        idx = torch.tensor([chunk], device=self.device)
+        logits = self.decoder.logits(idx, torch.tensor([request.slot], device=idx.device))
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt):
+            request.logits = logits
 
     def _decode_step(self) -> None:
         ready = []
         for request in list(self.running):
             if request.aborted:
-                self._finish(request, None)
+                self._end(request)
             elif request.logits is not None:
                 ready.append(request)
         if not ready:
             return
         logits = torch.cat([request.logits for request in ready])  # [B, V]
         chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row without a repetition penalty
+        failed = set()
         for row, request in enumerate(ready):
             if request.params.greedy and not request.params.uses_history:
                 continue
-            seen = (torch.tensor([request.prompt + request.generated], device=logits.device)
-                    if request.params.uses_history else None)
-            generators = None if request.generator is None else [request.generator]
-            chosen[row] = next_token(logits[row: row + 1], request.params, seen, generators)[0]
+            try:
+                chosen[row] = self._sample(request, logits[row: row + 1])
+            except Exception as e:
+                self._fail(request, e)
+                failed.add(row)
         scores = logits.float()
         logprobs = (scores.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).tolist()
         tokens = chosen.tolist()
         continuing = []
-        for request, token, logprob in zip(ready, tokens, logprobs, strict=True):
-            if self._emit(request, token, logprob):
-                continuing.append((request, token))
+        for row, (request, token, logprob) in enumerate(zip(ready, tokens, logprobs, strict=True)):
+            if row in failed:
+                continue
+            try:
+                if self._emit(request, token, logprob):
+                    continuing.append((request, token))
+            except Exception as e:
+                self._fail(request, e)
         if not continuing:
             return
         # rows in slot order; when they fill slots 0..B-1 the cache is read in place
@@ -201,6 +235,13 @@ class Engine:
             request.logits = logits[row: row + 1]
         self.decode_steps += 1
 
+    def _sample(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
+        """The request's next token id from its logits [1, V]."""
+        seen = (torch.tensor([request.prompt + request.generated], device=logits.device)
+                if request.params.uses_history else None)
+        generators = None if request.generator is None else [request.generator]
+        return next_token(logits, request.params, seen, generators)[0]
+
     def _emit(self, request: Request, token: int, logprob: float) -> bool:
         """Hand the token to the request; False when the request has finished."""
         if token != request.eos_id:
@@ -209,13 +250,6 @@ class Engine:
                           self.context_length - len(request.prompt) - len(request.generated))
         event = token_event(request.text, token, request.eos_id, tokens_left, logprob)
         if event.finish_reason is not None:
-            self._finish(request, event)
-            return False
+            self._end(request)
         request.on_event(event)
-        return True
-
-    def _finish(self, request: Request, event: StreamEvent | None) -> None:
-        self.running.remove(request)
-        self._release(request)
-        if event is not None:
-            request.on_event(event)
+        return event.finish_reason is None

@@ -168,37 +168,22 @@ def migrated_database_url(request, database_kind, tmp_path):
 
 @pytest.fixture
 def api(migrated_database_url, tmp_path):
-    """A TestClient of the service on a migrated database and a fresh data dir."""
-    from fastapi.testclient import TestClient
-
+    """A TestClient of the service without keys, as its one local user, on a migrated database and a fresh
+    data dir."""
     from app.main import create_app
     from core.settings import Settings
+    from tests.helpers import local_client
 
-    settings = Settings(data_dir=tmp_path / "data", database_url=migrated_database_url, max_upload_bytes=2_000_000)
-    with TestClient(create_app(settings)) as client:
+    settings = Settings(data_dir=tmp_path / "data", database_url=migrated_database_url, max_upload_bytes=2_000_000,
+                        api_keys_required=False)
+    with local_client(create_app(settings)) as client:
         yield client
 
 
 @pytest.fixture
 def live_server(api):
     """The `api` fixture's application served by uvicorn on a free local port, for real HTTP clients."""
-    import socket
-    import threading
-    import time
+    from tests.helpers import serving
 
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))  # the TestClient already runs the lifespan
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(api.app) as url:
+        yield url

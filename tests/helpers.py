@@ -1,7 +1,14 @@
 """Assertions and setup shared by the tests."""
 
+import contextlib
+import json
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fastapi.testclient import TestClient
 
@@ -24,9 +31,15 @@ def assert_error(response, status: int, *words: str, param: str | None = None) -
     return error
 
 
+def local_client(app, **options) -> TestClient:
+    """A client of the app as its one user on this machine: a loopback address and host, as the open mode
+    (no keys) asks of every request."""
+    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000), **options)
+
+
 def lenient(api) -> TestClient:
     """A client on the same running app that answers a server error as a 500 response instead of raising it."""
-    return TestClient(api.app, raise_server_exceptions=False)
+    return local_client(api.app, raise_server_exceptions=False)
 
 
 def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
@@ -56,3 +69,70 @@ def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     return state
+
+
+def chat_completion(content: str) -> bytes:
+    return json.dumps({"object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": content}, "finish_reason": "stop"}]}).encode()
+
+
+@contextmanager
+def recording_server(body: bytes, status: int = 200, headers: dict | None = None) -> Iterator[tuple[str, list]]:
+    """An HTTP server on 127.0.0.1 that answers every POST alike: (its base URL, the headers of each request)."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(dict(self.headers))
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(status)
+            for name, value in {"content-type": "application/json", **(headers or {})}.items():
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):  # no access log in the test output
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """The app (its lifespan already run by a TestClient) served by uvicorn on a free local port: its URL."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def create_api_key(app, scope: str, name: str = "test") -> str:
+    """A key made as `scratchllm keys create` makes it, straight in the service's database."""
+    from core.enums import KeyScope
+    from core.keys import create_key
+
+    with app.state.services.database.session() as session:
+        _, key = create_key(session, name, KeyScope(scope))
+        session.commit()
+    return key

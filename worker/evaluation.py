@@ -14,6 +14,7 @@ from sqlalchemy import delete, insert, select, update
 
 from core.db import Database, utcnow
 from core.enums import EvaluationKind
+from core.sealing import unseal
 from core.settings import Settings
 from core.tables import Checkpoint, Corpus, Evaluation, EvaluationExample
 from model import (
@@ -55,6 +56,7 @@ class Target:
     kind: str
     settings: dict
     judge_api_key: str | None
+    judge_allowed_hosts: list[str]
     checkpoint_path: Path
     corpus_path: Path
 
@@ -99,8 +101,9 @@ def _read_target(database: Database, settings: Settings, job_id: str) -> Target:
         if checkpoint is None:
             raise ValueError("the checkpoint was deleted before the evaluation ran")
         corpus = session.get(Corpus, evaluation.corpus_id)
-        judge = evaluation.job.spec.get("judge") or {}
-        return Target(evaluation.id, evaluation.kind, evaluation.settings, judge.get("api_key"),
+        sealed_key = (evaluation.job.spec.get("judge") or {}).get("api_key")
+        return Target(evaluation.id, evaluation.kind, evaluation.settings,
+                      sealed_key and unseal(settings, sealed_key), settings.judge_allowed_hosts,
                       settings.storage.checkpoint_dir(checkpoint.path),
                       settings.storage.corpus_file(corpus.id, corpus.format))
 
@@ -151,7 +154,8 @@ def _classifier(model, tokenizer, meta: dict, target: Target, steps_for) -> Outc
 def _judge(target: Target, records: list[dict], responses: list[str], progress) -> tuple[list, dict]:
     """Scores (None where the reply held none) and what `details` records of the judge."""
     settings = target.settings["judge"]
-    judge = Judge(settings["url"], settings["model"], target.judge_api_key, settings["timeout_s"])
+    judge = Judge(settings["url"], settings["model"], target.judge_api_key, settings["timeout_s"],
+                  target.judge_allowed_hosts)
     record = {key: settings[key] for key in ("url", "model", "prompt")}
     scores = []
     try:

@@ -1,5 +1,6 @@
 """The Trainer's callback that writes a job's progress, metrics, events and checkpoints to the database."""
 
+import shutil
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -42,19 +43,25 @@ class JobReporter(Callback):
         session.execute(insert(Metric).values(rows).on_conflict_do_nothing(
             index_elements=["job_id", "name", "step"]))
 
+    def _report(self, session) -> jobs.Lease:
+        """Renew the lease with the latest progress, then write the buffered metrics if the job is still ours;
+        learn whether it was cancelled or lost."""
+        p = self.progress
+        progress = {} if p is None else dict(
+            step=p.step, total_steps=p.total_steps, tokens_seen=p.tokens_seen, tokens_per_s=p.tokens_per_s,
+            eta_s=p.eta_s, train_loss=p.train_loss, val_loss=p.val_loss)
+        lease = jobs.heartbeat(session, self.job_id, self.owner, **progress)
+        if self.pending_metrics and lease != jobs.Lease.LOST:
+            self._insert_ignoring_duplicates(session, self.pending_metrics)
+        self.pending_metrics = []
+        self.stop_reason = STOP_REASONS.get(lease, self.stop_reason)
+        return lease
+
     def flush(self) -> None:
-        """Write the buffered metrics and the latest progress; learn whether the job was cancelled or lost."""
+        """Write the latest progress and the buffered metrics; learn whether the job was cancelled or lost."""
         self.last_write = time.monotonic()
         with self.database.session() as session:
-            if self.pending_metrics:
-                self._insert_ignoring_duplicates(session, self.pending_metrics)
-                self.pending_metrics = []
-            p = self.progress
-            progress = {} if p is None else dict(
-                step=p.step, total_steps=p.total_steps, tokens_seen=p.tokens_seen, tokens_per_s=p.tokens_per_s,
-                eta_s=p.eta_s, train_loss=p.train_loss, val_loss=p.val_loss)
-            lease = jobs.heartbeat(session, self.job_id, self.owner, **progress)
-        self.stop_reason = STOP_REASONS.get(lease, self.stop_reason)
+            self._report(session)
 
     def _due(self) -> bool:
         return time.monotonic() - self.last_write >= WRITE_INTERVAL_S
@@ -72,12 +79,21 @@ class JobReporter(Callback):
     def on_sample(self, step: int, text: str) -> None:
         self.event("sample", f"sample at step {step}", {"step": step, "text": text})
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def may_checkpoint(self) -> bool:
+        # a worker that lost the job must not write into the directory of the worker that holds it now
         self.flush()
+        return self.stop_reason != StopReason.LEASE_LOST
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         with self.database.session() as session:
-            checkpoint = register_checkpoint(session, self.storage, path, read_metadata(path), job_id=self.job_id)
-            session.add(JobEvent(job_id=self.job_id, type="checkpoint", message=f"checkpoint at step {step}",
-                                 data={"checkpoint_id": checkpoint.id, "step": step, "metrics": dict(metrics)}))
+            # the lease renewed in the transaction that registers: no row outlives a lost lease
+            held = self._report(session) != jobs.Lease.LOST
+            if held:
+                checkpoint = register_checkpoint(session, self.storage, path, read_metadata(path), job_id=self.job_id)
+                session.add(JobEvent(job_id=self.job_id, type="checkpoint", message=f"checkpoint at step {step}",
+                                     data={"checkpoint_id": checkpoint.id, "step": step, "metrics": dict(metrics)}))
+        if not held:  # lost while the directory was written: its files are no one's
+            shutil.rmtree(path, ignore_errors=True)
 
     def should_stop(self) -> bool:
         if self._due():

@@ -65,9 +65,10 @@ def _finish(database: Database, job_id: str, owner: str, status: JobStatus, mess
 def run(settings: Settings, job_id: str, owner: str) -> None:
     database = _database(settings)
     with database.session() as session:
-        claimed = jobs.claim(session, job_id, owner, settings.heartbeat_timeout_s)
+        claimed = jobs.claim(session, job_id, owner, settings.heartbeat_timeout_s, settings.max_attempts)
     if not claimed:
-        log.info("job %s is not ours to run (finished, cancelled or leased by a live worker)", job_id)
+        log.info("job %s is not ours to run (finished, cancelled, leased by a live worker or at the attempt cap)",
+                 job_id)
         return
     beat = _Heartbeat(database, job_id, owner, settings.heartbeat_interval_s)
     beat.start()

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from serving.client import GenerationFailed, Overloaded
+from serving.client import GenerationFailed, Overloaded, PromptTooLarge
 from serving.deployments import NotServing
 
 
@@ -34,4 +34,6 @@ def failure_of(error: Exception) -> Failure | None:
         return Failure(429, "overloaded", f"the model is overloaded: {error}")
     if isinstance(error, GenerationFailed):
         return Failure(424, "generation", str(error))
+    if isinstance(error, PromptTooLarge):
+        return Failure(413, "validation", str(error))
     return None

@@ -16,6 +16,7 @@ from app.errors import APIError
 from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, format_chat
+from model.json_text import parse_json
 from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
 from serving.deployments import NotServing, Served
 
@@ -78,7 +79,7 @@ class ChatRequest(Sampling):
 
 async def parse(request: Request, schema: type[Sampling]) -> Sampling:
     try:
-        return schema.model_validate(await request.json())
+        return schema.model_validate(parse_json(await request.body()))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the body is not valid JSON") from None
     except ValidationError as e:
@@ -108,12 +109,14 @@ def chat_prompt(messages: list[Message], model: Model) -> str:
 async def admit(engines: EngineClient, body: Sampling, model: Model, prompt_text: str, max_tokens: int | None,
                 extra_stop: tuple[str, ...] = ()) -> Generation:
     """The request's n choices, admitted to the engine together (or not at all)."""
-    prompt = await engines.encode(model, prompt_text)
     try:
+        prompt = await engines.encode(model, prompt_text)
         engines.check_fits(model, prompt)
     except PromptTooLong as e:
         raise APIError(400, f"the prompt holds {e.n_tokens} tokens; this model's context is {e.context_length}",
                        param="prompt", code="context_length_exceeded") from None
+    except Exception as e:
+        raise error_of(e, param="prompt") from None
     stops = body.stops() + extra_stop
     try:
         return engines.generate(model, prompt, max_tokens, body.sampling_params(), stops, pick_seed(body.seed),

@@ -11,6 +11,7 @@ from app.errors import RETRY_AFTER_S
 from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
+from model.json_text import parse_json
 from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -68,7 +69,7 @@ class GenerateRequest(BaseModel):
 
 async def parse(request: Request) -> GenerateRequest:
     try:
-        body = await request.json()
+        body = parse_json(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise TGIError(422, "the body is not valid JSON", "validation") from None
     try:
@@ -120,11 +121,11 @@ async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | 
     """Validate the request against its deployment and admit it, before any byte of the answer is sent."""
     model = serving(engines, deployment)
     p = body.parameters
-    prompt = await engines.encode(model, body.inputs)
-    if p.truncate is not None:
-        prompt = prompt[-p.truncate:]
     seed = pick_seed(p.seed) if p.sampling else None
     try:
+        prompt = await engines.encode(model, body.inputs)
+        if p.truncate is not None:
+            prompt = prompt[-p.truncate:]
         generation = engines.generate(model, prompt, p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed)
     except PromptTooLong as e:
         raise TGIError(422, f"inputs hold {e.n_tokens} tokens; this model's context is {e.context_length} (pass "

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from safetensors import safe_open
 from sqlalchemy import select
 
-from app.auth import ReadOrTrain
+from app.auth import Deployer, ReadOrTrain
 from app.deps import CheckpointDep, DatabaseDep, PageDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import Deleted, Page
@@ -26,6 +26,7 @@ from core.storage import DataDir
 from core.tables import Checkpoint
 from model import gpt2_tokenizer, import_hf_gpt2, read_metadata, save_checkpoint
 from model.config import GPT2_VOCAB_SIZE
+from model.json_text import parse_json
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[ReadOrTrain])
 
@@ -68,7 +69,7 @@ async def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep,
     return FileResponse(archive, media_type="application/x-tar", filename=f"{checkpoint.id}.tar")
 
 
-@router.delete("/{checkpoint_id}", response_model=Deleted)
+@router.delete("/{checkpoint_id}", response_model=Deleted, dependencies=[Deployer])
 def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, storage: StorageDep) -> dict:
     checkpoints.delete_checkpoint(session, storage, checkpoint)
     return {"id": checkpoint.id, "object": "checkpoint"}
@@ -87,7 +88,7 @@ def _import(staging: Path):
     except Exception as e:  # whatever safetensors says of a file that is not one
         raise refuse("weights", f"not a safetensors file ({type(e).__name__})") from None
     try:
-        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        config = parse_json((staging / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise refuse("config", f"not valid JSON: {e}") from None
     if not isinstance(config, dict):

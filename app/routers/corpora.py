@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from app.auth import ReadOrTrain
+from app.auth import Deployer, ReadOrTrain
 from app.deps import CorpusDep, DatabaseDep, PageDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.common import Deleted, Page
 from app.schemas.corpora import CorpusKindName, CorpusOut
@@ -60,7 +60,7 @@ def corpus_content(corpus: CorpusDep, storage: StorageDep) -> FileResponse:
     return FileResponse(path, media_type=MEDIA_TYPES[corpus.format], filename=download_name)
 
 
-@router.delete("/{corpus_id}", response_model=Deleted)
+@router.delete("/{corpus_id}", response_model=Deleted, dependencies=[Deployer])
 def delete_corpus(corpus: CorpusDep, session: SessionDep, storage: StorageDep) -> dict:
     corpora.delete_corpus(session, storage, corpus)
     return {"id": corpus.id, "object": "corpus"}

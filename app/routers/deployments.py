@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.auth import ReadOrTrain
+from app.auth import Deployer, ReadOrTrain
 from app.deps import DeploymentsDep, PageDep, SessionDep
 from app.schemas.common import Deleted, Page
 from app.schemas.deployments import DeploymentCreate, DeploymentOut, DeploymentUpdate
@@ -28,7 +28,7 @@ def _task(session, deployment: Deployment) -> str:
     return session.get(Checkpoint, deployment.checkpoint_id).task
 
 
-@router.post("", status_code=201, response_model=DeploymentOut)
+@router.post("", status_code=201, response_model=DeploymentOut, dependencies=[Deployer])
 def create_deployment(body: DeploymentCreate, session: SessionDep, manager: DeploymentsDep) -> DeploymentOut:
     deployment = deployments.create(session, body.name, body.checkpoint_id, body.default)
     manager.sync()
@@ -49,7 +49,7 @@ def get_deployment(name: str, session: SessionDep, manager: DeploymentsDep) -> D
     return _out(manager, deployment, _task(session, deployment))
 
 
-@router.patch("/{name}", response_model=DeploymentOut)
+@router.patch("/{name}", response_model=DeploymentOut, dependencies=[Deployer])
 def update_deployment(name: str, body: DeploymentUpdate, session: SessionDep,
                       manager: DeploymentsDep) -> DeploymentOut:
     deployment = deployments.change(session, name, body.checkpoint_id, body.default)
@@ -57,7 +57,7 @@ def update_deployment(name: str, body: DeploymentUpdate, session: SessionDep,
     return _out(manager, deployment, _task(session, deployment))
 
 
-@router.delete("/{name}", response_model=Deleted)
+@router.delete("/{name}", response_model=Deleted, dependencies=[Deployer])
 def delete_deployment(name: str, session: SessionDep, manager: DeploymentsDep) -> dict:
     deployment = deployments.remove(session, name)
     manager.sync()

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from app.auth import ReadOrTrain
-from app.deps import EvaluationDep, PageDep, QueueDep, SessionDep
+from app.deps import EvaluationDep, PageDep, QueueDep, SessionDep, SettingsDep
 from app.schemas.common import Page
 from app.schemas.evaluations import (
     Comparison,
@@ -28,8 +28,9 @@ IdQuery = Annotated[str | None, Query(max_length=40)]
 
 
 @router.post("", status_code=201, response_model=EvaluationOut)
-def submit_evaluation(body: EvaluationCreate, session: SessionDep, queue: QueueDep) -> EvaluationOut:
-    evaluation = evaluations.create_evaluation(session, body)
+def submit_evaluation(body: EvaluationCreate, session: SessionDep, queue: QueueDep,
+                      settings: SettingsDep) -> EvaluationOut:
+    evaluation = evaluations.create_evaluation(session, settings, body)
     session.commit()
     send_job(queue, session, evaluation.job)
     return EvaluationOut.of(evaluation)

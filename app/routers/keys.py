@@ -7,9 +7,7 @@ from app.auth import Admin
 from app.deps import PageDep, SessionDep
 from app.schemas.common import Page
 from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
-from core.db import utcnow
-from core.errors import Conflict, NotFound
-from core.keys import create_key
+from core.keys import create_key, revoke_key
 from core.tables import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], dependencies=[Admin])
@@ -30,11 +28,6 @@ def list_keys(session: SessionDep, page: PageDep) -> dict:
 
 @router.delete("/{key_id}", response_model=KeyOut)
 def revoke(key_id: str, session: SessionDep) -> ApiKey:
-    api_key = session.get(ApiKey, key_id)
-    if api_key is None:
-        raise NotFound.of("api key", key_id)
-    if api_key.revoked_at is not None:
-        raise Conflict(f"api key {key_id} is already revoked", param="key_id")
-    api_key.revoked_at = utcnow()
+    api_key = revoke_key(session, key_id)
     session.commit()
     return api_key

@@ -13,9 +13,13 @@ EvaluationKindName = one_of(*EvaluationKind)
 class JudgeSpec(Strict):
     """An OpenAI-compatible chat endpoint that rates each response 0-100 (the book's chapter-7 method)."""
 
-    url: AnyHttpUrl = Field(description="the API's base URL, e.g. http://localhost:8000/v1 or http://localhost:11434/v1")
+    url: AnyHttpUrl = Field(description=(
+        "the API's base URL, e.g. https://api.openai.com/v1, without a query, fragment or user:password@; a host "
+        "of the server's own network (this service at localhost:8000/v1, an Ollama) only if the server allows it "
+        "(SCRATCHLLM_JUDGE_ALLOWED_HOSTS)"))
     model: str = Field(min_length=1, max_length=200)
-    api_key: str | None = Field(None, max_length=500, description="sent as a bearer token; never shown again")
+    api_key: str | None = Field(None, max_length=500,
+                                description="sent as a bearer token; stored encrypted and never shown again")
     timeout_s: float = Field(60.0, gt=0, le=600)
 
 

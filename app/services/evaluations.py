@@ -9,6 +9,9 @@ from app.services.jobs import named_row
 from core import jobs
 from core.enums import CheckpointTask, CorpusKind, EvaluationKind
 from core.errors import Invalid, NotFound
+from core.outbound import RefusedURL, destination
+from core.sealing import seal
+from core.settings import Settings
 from core.tables import Checkpoint, Corpus, Evaluation, Job
 from model import PROMPT_FORMAT
 from model.evaluation import HIGHER_IS_BETTER, JUDGE_PROMPT, LOWER_IS_BETTER
@@ -69,7 +72,23 @@ def _settings(request: EvaluationCreate, kind: str, context_length: int) -> dict
     return {**common, "max_new_tokens": request.max_new_tokens, "judge": judge}
 
 
-def create_evaluation(session: Session, request: EvaluationCreate) -> Evaluation:
+def _job_spec(request: EvaluationCreate, service_settings: Settings) -> dict:
+    """The request as its job keeps it: a judge's URL checked (and again by the worker before it connects: DNS
+    answers change), its API key encrypted."""
+    spec = request.model_dump(mode="json")
+    judge = spec["judge"]
+    if judge is None:
+        return spec
+    try:
+        destination(judge["url"], service_settings.judge_allowed_hosts)
+    except RefusedURL as e:
+        raise Invalid(f"the judge's URL is refused: {e}", param="judge.url") from e
+    if judge["api_key"] is not None:
+        judge["api_key"] = seal(service_settings, judge["api_key"])
+    return spec
+
+
+def create_evaluation(session: Session, service_settings: Settings, request: EvaluationCreate) -> Evaluation:
     """A queued evaluate Job and its Evaluation row for a request that holds up; Invalid names what does not."""
     checkpoint = named_row(session, Checkpoint, request.checkpoint_id, "checkpoint", "checkpoint_id")
     corpus = named_row(session, Corpus, request.corpus_id, "corpus", "corpus_id")
@@ -79,9 +98,9 @@ def create_evaluation(session: Session, request: EvaluationCreate) -> Evaluation
             raise Invalid(f"{field} applies to {' and '.join(KINDS_OF_FIELD[field])} evaluations, and checkpoint "
                           f"{checkpoint.id} on corpus {corpus.id} makes a {kind.value!r} one", param=field)
     settings = _settings(request, kind, checkpoint.model_config["context_length"])
+    spec = _job_spec(request, service_settings)
     job = jobs.create(session, f"{kind} evaluation of checkpoint {checkpoint.id} on corpus {corpus.id} queued",
-                      type=jobs.JobType.EVALUATE, corpus_id=corpus.id, spec=request.model_dump(mode="json"), seed=0,
-                      total_steps=0)
+                      type=jobs.JobType.EVALUATE, corpus_id=corpus.id, spec=spec, seed=0, total_steps=0)
     evaluation = Evaluation(job_id=job.id, checkpoint_id=checkpoint.id, corpus_id=corpus.id, kind=kind,
                             settings=settings)
     session.add(evaluation)

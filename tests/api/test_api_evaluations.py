@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from core.db import Database
-from core.tables import Checkpoint
+from core.sealing import unseal
+from core.tables import Checkpoint, Job
 from model import (
     GPT,
     GPTClassifier,
@@ -26,7 +27,7 @@ from model import (
 )
 from model.evaluation import JUDGE_PROMPT, classification_report, classify, judge_prompt
 from model.instruction_data import instruction_collate
-from tests.helpers import add_checkpoint, assert_error, deploy, upload_corpus
+from tests.helpers import add_checkpoint, assert_error, chat_completion, deploy, recording_server, upload_corpus
 from worker.runner import run
 
 NANO = GPTConfig.preset("nano")
@@ -172,8 +173,25 @@ def judge_model() -> GPT:
     return model.eval()
 
 
-def test_instruction_model_answers_are_scored_and_judged_by_a_live_chat_endpoint(api, live_server):
-    """The judge is this service's own /v1/chat/completions serving an instruction-tuned checkpoint."""
+def allow_judges_at(api, monkeypatch, *urls: str) -> None:
+    """The server's allowed judge hosts: these local servers' host:port."""
+    monkeypatch.setattr(api.app.state.services.settings, "judge_allowed_hosts",
+                        [url.removeprefix("http://") for url in urls])
+
+
+def job_spec(api, job_id: str) -> dict:
+    """The job's spec as the database holds it."""
+    database = Database(api.app.state.services.settings.sqlalchemy_url)
+    with database.session() as session:
+        spec = session.get(Job, job_id).spec
+    database.dispose()
+    return spec
+
+
+def test_instruction_model_answers_are_scored_and_judged_by_a_live_chat_endpoint(api, live_server, monkeypatch):
+    """The judge is this service's own /v1/chat/completions serving an instruction-tuned checkpoint: on a
+    loopback address, allowed by the server's judge_allowed_hosts."""
+    allow_judges_at(api, monkeypatch, live_server)
     model = judge_model()
     checkpoint = add_checkpoint(api, model, prompt_format="alpaca")
     assert deploy(api, "judge", checkpoint)["state"] == "ready"
@@ -193,10 +211,56 @@ def test_instruction_model_answers_are_scored_and_judged_by_a_live_chat_endpoint
     assert evaluation["settings"]["judge"]["prompt"] == JUDGE_PROMPT
     job = api.get(f"/v1/jobs/{evaluation['job_id']}").json()
     assert job["spec"]["judge"]["api_key"] == "(set)" and "sk-judge-secret" not in json.dumps(evaluation)
+    assert "sk-judge-secret" not in json.dumps(job_spec(api, job["id"]))
     assert job["links"] == {"evaluation": f"/v1/evaluations?job_id={job['id']}"}
 
 
-def test_an_unreachable_judge_keeps_the_other_numbers(api):
+def test_the_judge_key_is_stored_encrypted_and_sent_by_the_worker(api, monkeypatch):
+    checkpoint = add_checkpoint(api, GPT(NANO), prompt_format="alpaca")
+    corpus = upload_corpus(api, json.dumps(INSTRUCTIONS[:2]).encode(), "i.json", "instruction")
+    with recording_server(chat_completion("85")) as (url, received):
+        allow_judges_at(api, monkeypatch, url)
+        evaluation = evaluate(api, checkpoint_id=checkpoint, corpus_id=corpus, max_new_tokens=2,
+                              judge={"url": f"{url}/v1", "model": "judge", "api_key": "sk-judge-secret"})
+    assert evaluation["metrics"]["judge_score"] == 85
+    assert [r["Authorization"] for r in received] == ["Bearer sk-judge-secret"] * 2
+    sealed = job_spec(api, evaluation["job_id"])["judge"]["api_key"]
+    assert "sk-judge-secret" not in sealed and unseal(api.app.state.services.settings, sealed) == "sk-judge-secret"
+
+
+def test_the_worker_checks_the_judge_again_before_it_connects(api, monkeypatch):
+    """A judge the server allowed when the evaluation was created but no longer does is not called."""
+    checkpoint = add_checkpoint(api, GPT(NANO), prompt_format="alpaca")
+    corpus = upload_corpus(api, json.dumps(INSTRUCTIONS[:2]).encode(), "i.json", "instruction")
+    with recording_server(chat_completion("85")) as (url, received):
+        allow_judges_at(api, monkeypatch, url)
+        response = api.post("/v1/evaluations", json={"checkpoint_id": checkpoint, "corpus_id": corpus,
+                                                     "max_new_tokens": 2, "judge": {"url": f"{url}/v1", "model": "m"}})
+        assert response.status_code == 201, response.text
+        allow_judges_at(api, monkeypatch)
+        run_job(api, response.json()["job_id"])
+    evaluation = api.get(f"/v1/evaluations/{response.json()['id']}").json()
+    assert "is refused" in evaluation["details"]["judge"]["error"] and received == []
+    assert evaluation["metrics"]["examples"] == 2 and "judge_score" not in evaluation["metrics"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8000/v1", "http://10.0.0.1/v1", "http://169.254.169.254/latest", "http://[::1]:8000/v1",
+    "http://localhost:8000/v1",  # a name that resolves to loopback
+    "http://[::ffff:127.0.0.1]/v1", "https://judge.example/v1?api-version=1", "https://user:pw@judge.example/v1",
+    "https://judge.example/v1#x",
+])
+def test_judges_on_the_server_s_own_network_are_refused_before_a_job(api, url):
+    checkpoint = add_checkpoint(api, GPT(NANO), prompt_format="alpaca")
+    corpus = upload_corpus(api, json.dumps(INSTRUCTIONS[:2]).encode(), "i.json", "instruction")
+    assert_error(api.post("/v1/evaluations", json={"checkpoint_id": checkpoint, "corpus_id": corpus,
+                                                   "judge": {"url": url, "model": "m"}}), 422, "refused",
+                 param="judge.url")
+    assert api.get("/v1/jobs").json()["data"] == []
+
+
+def test_an_unreachable_judge_keeps_the_other_numbers(api, monkeypatch):
+    allow_judges_at(api, monkeypatch, "http://127.0.0.1:9")
     checkpoint = add_checkpoint(api, GPT(NANO), prompt_format="alpaca")
     corpus = upload_corpus(api, json.dumps(INSTRUCTIONS[:2]).encode(), "i.json", "instruction")
     evaluation = evaluate(api, checkpoint_id=checkpoint, corpus_id=corpus, max_new_tokens=2,

@@ -7,7 +7,7 @@ import torch
 from core.db import Database
 from core.tables import Checkpoint
 from model import GPT, GPTClassifier, GPTConfig, generate, gpt2_tokenizer
-from tests.helpers import TINY_LM, add_checkpoint, deploy
+from tests.helpers import TINY_LM, add_checkpoint, deploy, local_client
 
 CONFIG = TINY_LM
 
@@ -36,6 +36,17 @@ def test_generate_matches_the_library_greedy_output(served, lm):
     full = served.post("/", json={"inputs": "Once upon a time",
                                   "parameters": {"max_new_tokens": 12, "return_full_text": True}})
     assert full.json() == [{"generated_text": "Once upon a time" + answer["generated_text"]}]
+
+
+def test_a_temperature_too_small_to_sample_from_answers_greedily(served, lm):
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("Once upon a time")
+    expected = generate(lm, torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+    for temperature in (1e-300, 5e-324):
+        response = served.post("/generate", json={"inputs": "Once upon a time", "parameters": {
+            "max_new_tokens": 12, "temperature": temperature, "details": True}})
+        assert response.status_code == 200, response.text
+        assert [t["id"] for t in response.json()["details"]["tokens"]] == expected
 
 
 def test_generate_stream_sends_one_event_per_token_then_the_text(served):
@@ -178,7 +189,6 @@ def test_a_client_that_disconnects_is_aborted_within_a_step(api, live_server):
 
 def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
     import httpx
-    from fastapi.testclient import TestClient
 
     from app.main import create_app
     from core.migrate import upgrade
@@ -186,8 +196,8 @@ def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
 
     upgrade(database_url)
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url, serving_max_batch=1,
-                        serving_max_queue=0)
-    with TestClient(create_app(settings)) as api:
+                        serving_max_queue=0, api_keys_required=False)
+    with local_client(create_app(settings)) as api:
         long_deployment(api)
         busy = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}})
         assert busy.status_code == 200  # the engine is free again after a short request
@@ -214,15 +224,14 @@ def test_full_engine_answers_429_with_retry_after(tmp_path, database_url):
 
 
 def test_a_request_past_its_timeout_ends_with_424_and_frees_its_slot(tmp_path, database_url):
-    from fastapi.testclient import TestClient
-
     from app.main import create_app
     from core.migrate import upgrade
     from core.settings import Settings
 
     upgrade(database_url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, generation_timeout_s=1e-6)
-    with TestClient(create_app(settings)) as api:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, generation_timeout_s=1e-6,
+                        api_keys_required=False)
+    with local_client(create_app(settings)) as api:
         long_deployment(api)
         engine = api.app.state.services.deployments.get("long").current.engine
         answer = api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}})
@@ -300,7 +309,7 @@ def test_health_follows_the_default_deployment_and_metrics_count(api, lm):
     assert response.status_code == 503 and response.json()["error"]["message"] == "no default deployment"
     checkpoint_id = add_checkpoint(api, lm)
     deploy(api, "tiny", checkpoint_id)
-    assert api.get("/health").json() == {"status": "ok", "default_deployment": "tiny", "checkpoint_id": checkpoint_id}
+    assert api.get("/health").json() == {"status": "ok"}  # public: it names no deployment or checkpoint
     api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
     api.post("/generate", json={"inputs": ""})
     streamed = api.post("/d/tiny/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
@@ -319,15 +328,13 @@ def test_health_follows_the_default_deployment_and_metrics_count(api, lm):
 
 
 def test_a_change_through_one_api_process_reaches_another(api, lm, tmp_path):
-    from fastapi.testclient import TestClient
-
     from app.main import create_app
     from core.settings import Settings
 
     settings = api.app.state.services.settings
     other_settings = Settings(data_dir=settings.data_dir, database_url=settings.sqlalchemy_url,
-                              deployment_sync_interval_s=0.2)
-    with TestClient(create_app(other_settings)) as other:
+                              deployment_sync_interval_s=0.2, api_keys_required=False)
+    with local_client(create_app(other_settings)) as other:
         assert other.post("/generate", json={"inputs": "x"}).status_code == 503
         deploy(api, "tiny", add_checkpoint(api, lm))
         deadline = time.monotonic() + 30

@@ -17,7 +17,8 @@ from app.main import create_app
 from core.db import Database
 from core.migrate import upgrade
 from core.settings import Settings
-from core.tables import Metric
+from core.tables import Checkpoint, Metric
+from tests.helpers import local_client
 
 JOB_TIMEOUT_S = 180
 
@@ -72,8 +73,14 @@ class Service:
         return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "cancelled"))
 
 
+@pytest.fixture
+def service_env() -> dict[str, str]:
+    """Settings beyond the service fixture's own: a test parametrizes this to change them."""
+    return {}
+
+
 @pytest.fixture(params=["postgresql+redis", "embedded"])
-def service(request, tmp_path):
+def service(request, tmp_path, service_env):
     if request.param == "embedded":
         database_url, broker_url = f"sqlite:///{tmp_path / 'data' / 'scratchllm.db'}", None
     else:
@@ -81,17 +88,18 @@ def service(request, tmp_path):
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(tmp_path / "data"), "SCRATCHLLM_DATABASE_URL": database_url,
            "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}",  # tests never share a queue
            "SCRATCHLLM_HEARTBEAT_INTERVAL_S": "0.5", "SCRATCHLLM_HEARTBEAT_TIMEOUT_S": "4",
-           "SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S": "2",
+           "SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S": "2", "SCRATCHLLM_API_KEYS_REQUIRED": "false",
            "OMP_NUM_THREADS": "1"}  # tiny models gain nothing from threads, and tests run side by side
     if broker_url:
         env["SCRATCHLLM_BROKER_URL"] = broker_url
     else:
         env.pop("SCRATCHLLM_BROKER_URL", None)
+    env |= service_env
     settings = Settings(**{k.removeprefix("SCRATCHLLM_").lower(): v for k, v in env.items()
                            if k.startswith("SCRATCHLLM_")})
     settings.data_dir.mkdir(parents=True)
     upgrade(database_url)
-    with TestClient(create_app(settings)) as client:
+    with local_client(create_app(settings)) as client:
         running = Service(settings, env, client)
         try:
             yield running
@@ -246,6 +254,51 @@ def test_a_killed_worker_job_resumes_on_another_without_duplicate_metrics(servic
     steps = [p["step"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
                                                     params={"name": "train_loss"}).json()["data"]]
     assert steps == list(range(1, 25))
+
+
+def checkpoint_paths(settings: Settings, job_id: str) -> set[str]:
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:
+        paths = set(session.scalars(select(Checkpoint.path).where(Checkpoint.job_id == job_id)))
+    database.dispose()
+    return paths
+
+
+def test_a_job_resumes_after_its_worker_is_killed_twice_and_records_everything_once(service, shared_data):
+    worker = service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=40, checkpoint_interval=5, eval_interval=0))
+
+    def kill_on(worker: subprocess.Popen, attempt: int, step: int) -> subprocess.Popen:
+        service.wait_for(job["id"], lambda j: j["attempts"] == attempt and j["progress"]["step"] >= step)
+        service.kill_worker(worker)
+        return service.start_worker()
+
+    worker = kill_on(worker, 1, 7)
+    kill_on(worker, 2, 12)  # past the checkpoint at step 10, after resuming from step 5
+    done = service.wait_until_done(job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 3
+    assert metric_rows(service.settings, job["id"], "train_loss") == 40
+    # each checkpoint row has its directory, each directory its row (a SIGKILL may leave a hidden staging folder)
+    storage = service.settings.storage
+    directories = {storage.relative(d) for d in storage.job_checkpoints_dir(job["id"]).iterdir()
+                   if not d.name.startswith(".")}
+    assert checkpoint_paths(service.settings, job["id"]) == directories
+    assert sorted(int(d.rsplit("-", 1)[1]) for d in directories) == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+@pytest.mark.parametrize("service_env", [{"SCRATCHLLM_MAX_ATTEMPTS": "2"}], ids=["max_attempts=2"])
+def test_a_job_whose_worker_dies_on_every_attempt_fails_at_the_attempt_cap(service, shared_data):
+    first = service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    job = service.submit(**pretrain_request(verdict, max_steps=100_000, checkpoint_interval=0, eval_interval=0))
+    service.wait_for(job["id"], lambda j: j["status"] == "running")
+    service.kill_worker(first)  # as the kernel's OOM killer would
+    second = service.start_worker()
+    service.wait_for(job["id"], lambda j: j["status"] == "running" and j["attempts"] == 2)
+    service.kill_worker(second)
+    failed = service.wait_for(job["id"], lambda j: j["status"] == "failed", timeout_s=30)
+    assert failed["attempts"] == 2 and "attempt cap (2 starts)" in failed["error"]
 
 
 def test_a_stopped_worker_hands_its_job_back_and_another_finishes_it(service, shared_data):

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from model import GPT, SamplingParams, generate, gpt2_tokenizer
+from model.generate import Decoder
+from model.sampling import next_token
 from serving.engine import Engine, QueueFull, Request
 from tests.helpers import TINY_LM as CONFIG
 
@@ -117,3 +119,86 @@ def test_a_request_at_the_context_limit_finishes_with_length(engine):
     engine.submit(Request(list(range(60)), 50, SamplingParams(), collector))
     assert collector.done.wait(30)
     assert len(collector.events) == 4 and collector.events[-1].finish_reason == "length"
+
+
+STREAMS = [([1, 2, 3], 5), ([7, 8, 9, 10, 11], 6), ([42], 7), ([100, 200, 300, 400], 8)]  # (prompt, seed)
+
+
+def four_streams(model, poison: Request | None = None) -> list[list[int]]:
+    """The tokens of four seeded streams, on an engine that holds them all and the poison request, if any
+    (submitted among them); every slot must be free again at the end."""
+    engine = Engine(model, gpt2_tokenizer(), max_batch=5, max_queue=0)
+    collectors = [Collector() for _ in STREAMS]
+    for i, ((prompt, seed), collector) in enumerate(zip(STREAMS, collectors, strict=True)):
+        engine.submit(Request(prompt, 12, SamplingParams(temperature=1.0, top_k=50), collector, seed=seed))
+        if i == 1 and poison is not None:
+            engine.submit(poison)
+    engine.start()
+    try:
+        assert all(c.done.wait(30) for c in collectors)
+        if poison is not None:
+            assert poison.on_event.done.wait(30)
+        deadline = time.monotonic() + 30
+        while engine.load != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(5))  # every slot back
+    finally:
+        engine.stop()
+    assert all(c.events[-1].finish_reason == "length" for c in collectors)
+    return [c.tokens for c in collectors]
+
+
+class BrokenClient(Collector):
+    """A client whose callback fails on every token; a stubborn one fails on the error it is then told too."""
+
+    def __init__(self, stubborn: bool):
+        super().__init__()
+        self.stubborn = stubborn
+
+    def __call__(self, event):
+        if isinstance(event, Exception):
+            super().__call__(event)
+        if self.stubborn or not isinstance(event, Exception):
+            raise RuntimeError("the client broke")
+
+
+@pytest.mark.parametrize("poison", ["seed", "sampling", "prefill", "callback", "stubborn callback"])
+def test_a_poison_request_among_four_streams_fails_alone(model, monkeypatch, poison):
+    alone = four_streams(model)
+    params = SamplingParams(temperature=0.5)
+    client = BrokenClient(poison == "stubborn callback") if "callback" in poison else Collector()
+    victim = Request([666] * 5, 12, params, client, seed=2**70 if poison == "seed" else 1)
+    if poison == "sampling":
+        def sample(logits, sampling, *rest):
+            if sampling is params:
+                raise RuntimeError("sampling broke")
+            return next_token(logits, sampling, *rest)
+
+        monkeypatch.setattr("serving.engine.next_token", sample)
+    if poison == "prefill":
+        def logits(decoder, idx, slots=None):
+            if idx.shape == (1, 5) and bool((idx == 666).all()):
+                raise RuntimeError("prefill broke")
+            return original(decoder, idx, slots)
+
+        original = Decoder.logits
+        monkeypatch.setattr(Decoder, "logits", logits)
+    among = four_streams(model, victim)
+    assert among == alone
+    [error] = victim.on_event.events
+    assert isinstance(error, Exception) and ("broke" in str(error) or "Overflow" in str(error))
+
+
+def test_a_temperature_too_small_to_sample_from_is_greedy_among_four_streams(model):
+    alone = four_streams(model)
+    prompt = [5, 6, 7]
+    cold = Request(prompt, 12, SamplingParams(temperature=1e-300, repetition_penalty=1e-300), Collector(), seed=1)
+    among = four_streams(model, cold)
+    assert among == alone
+    expected = generate(model, torch.tensor([prompt]), 12, repetition_penalty=1e-300)[0, len(prompt):].tolist()
+    assert cold.on_event.tokens == expected and cold.on_event.events[-1].finish_reason == "length"
+
+
+def test_a_prompt_id_outside_the_vocabulary_is_refused(engine):
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit(Request([1, CONFIG.vocab_size], 5, SamplingParams(), Collector()))

@@ -164,6 +164,44 @@ def test_invalid_sampling_parameters(bad):
         SamplingParams(**bad)
 
 
+EXTREMES = [5e-324, 1e-300, 1e-45, 1e-38, 1e-8, 1.0, 1e8, 1e38, 1e300, float("inf")]
+POSITIVE = st.one_of(st.sampled_from(EXTREMES), st.floats(min_value=0, exclude_min=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(temperature=st.one_of(st.just(0.0), POSITIVE), top_k=st.none() | st.integers(min_value=1, max_value=2**70),
+       top_p=st.none() | st.floats(min_value=0, max_value=1, exclude_min=True), penalty=POSITIVE,
+       scale=st.sampled_from([0.0, 1.0, 1e4]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seeded=st.booleans())
+def test_next_token_is_a_valid_id_for_every_accepted_parameter(temperature, top_k, top_p, penalty, scale, dtype,
+                                                                seeded):
+    params = SamplingParams(temperature, top_k, top_p, penalty)
+    logits = (torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
+    logits[:, 7] = 0  # a zero logit the penalty sees: 0 * inf and 0 / 0 are NaN
+    seen = torch.tensor([[7, 3, 11], [7, 20, 21]])
+    generators = [torch.Generator().manual_seed(i) for i in range(2)] if seeded else None
+    token = next_token(logits, params, seen, generators)
+    assert token.shape == (2,) and bool(((token >= 0) & (token < 50)).all())
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45])
+def test_a_temperature_too_small_to_sample_from_is_greedy(temperature):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 5
+    seen = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    params = SamplingParams(temperature=temperature, top_k=5, top_p=0.5, repetition_penalty=1.3)
+    greedy = apply_repetition_penalty(logits, seen, 1.3).argmax(dim=-1)
+    assert next_token(logits, params, seen).tolist() == greedy.tolist()
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert next_token(logits, params, seen, generators).tolist() == greedy.tolist()
+
+
+def test_a_repetition_penalty_past_the_float_range_saturates_without_nan():
+    logits, seen, largest = torch.tensor([[2.0, -2.0, 0.0, 1.0]]), torch.tensor([[0, 1, 2]]), torch.finfo().max
+    assert apply_repetition_penalty(logits, seen, 1e-300).tolist() == [[largest, 0.0, 0.0, 1.0]]
+    assert apply_repetition_penalty(logits, seen, float("inf")).tolist() == [[0.0, -largest, 0.0, 1.0]]
+    assert next_token(logits, SamplingParams(repetition_penalty=float("inf")), seen).item() == 3
+
+
 def test_stream_deltas_concatenate_to_the_decoded_text(model, tokenizer):
     prompt = tokenizer.encode("Once upon a time")
     events = list(stream_generate(model, tokenizer, prompt, 30, SamplingParams(temperature=1.0), seed=1))

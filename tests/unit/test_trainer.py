@@ -70,6 +70,18 @@ def test_weight_decay_only_on_matrices(tmp_path, verdict_tokens):
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
 
 
+def test_a_checkpoint_the_callback_refuses_is_not_written(tmp_path, verdict_tokens):
+    class Refusing(Recorder):
+        def may_checkpoint(self):
+            return False
+
+    recorder = Refusing()
+    result = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2, checkpoint_interval=1),
+                     gpt2_tokenizer(), tmp_path / "out", recorder).train()
+    assert result.status == "completed" and result.checkpoint is None
+    assert recorder.checkpoints == [] and not (tmp_path / "out").exists()
+
+
 def test_pretraining_reports_progress_metrics_samples_and_checkpoints(tmp_path, verdict_tokens):
     torch.manual_seed(0)
     recorder = Recorder()
