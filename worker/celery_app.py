@@ -1,7 +1,7 @@
 """The Celery application of the worker: `scratchllm worker` runs it.
 
-The worker's main process never imports torch (a torch op before fork() hangs the child); each pool
-process imports the training code as it starts, so the first job does not wait for the import.
+The worker's main process never imports torch (a torch op before fork() hangs the child); the task
+imports the training code when it runs, in the pool's child process.
 """
 
 import contextlib
@@ -10,7 +10,7 @@ import os
 import signal
 from pathlib import Path
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_ready
 
 from core.queue import RUN_JOB_TASK, make_celery
 from core.settings import settings_from_environment
@@ -26,11 +26,6 @@ def run_job(self, job_id: str) -> None:
     from worker.runner import run
 
     run(settings, job_id, owner=f"{self.request.hostname}:{self.request.id}")
-
-
-@worker_process_init.connect
-def import_the_training_code(**_) -> None:
-    import worker.runner  # noqa: F401  (torch and the model library: seconds)
 
 
 @worker_ready.connect
