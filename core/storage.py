@@ -12,8 +12,6 @@
 Uploaded file names never become paths: every name here is an id the service made.
 """
 
-import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -75,10 +73,3 @@ class DataDir:
         folder = area / STAGING
         folder.mkdir(parents=True, exist_ok=True)
         return folder / uuid.uuid4().hex
-
-    def scratch_file(self, suffix: str) -> Path:
-        """A new empty file on the data dir's disk (a download being packed); the caller removes it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        descriptor, path = tempfile.mkstemp(suffix=suffix, dir=self.root)
-        os.close(descriptor)
-        return Path(path)

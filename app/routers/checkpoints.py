@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from safetensors import safe_open
 from sqlalchemy import select
 
@@ -16,6 +15,7 @@ from app.auth import Deployer, ReadOrTrain
 from app.deps import CheckpointDep, DatabaseDep, PageDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import Deleted, Page
+from app.tar_stream import TarStream
 from app.uploads import receive_upload
 from core import checkpoints
 from core.checkpoints import register_checkpoint
@@ -53,20 +53,14 @@ def _directory(storage: DataDir, checkpoint: Checkpoint) -> Path:
     return path
 
 
-@router.get("/{checkpoint_id}/download")
-async def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep,
-                              background: BackgroundTasks) -> FileResponse:
-    """A tar archive of the checkpoint directory (model.safetensors, config.json, training state)."""
-    directory = _directory(storage, checkpoint)
-    archive = storage.scratch_file(".tar")
-
-    def pack() -> None:
-        with tarfile.open(archive, "w") as tar:
-            tar.add(directory, arcname=checkpoint.id)
-
-    await run_in_threadpool(pack)
-    background.add_task(archive.unlink, missing_ok=True)
-    return FileResponse(archive, media_type="application/x-tar", filename=f"{checkpoint.id}.tar")
+@router.get("/{checkpoint_id}/download", response_class=StreamingResponse)
+def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep) -> StreamingResponse:
+    """A tar archive of the checkpoint directory (model.safetensors, config.json, training state), made as it
+    is sent."""
+    archive = TarStream(_directory(storage, checkpoint), checkpoint.id)
+    return StreamingResponse(archive, media_type="application/x-tar", headers={
+        "Content-Length": str(archive.size),
+        "Content-Disposition": f'attachment; filename="{checkpoint.id}.tar"'})
 
 
 @router.delete("/{checkpoint_id}", response_model=Deleted, dependencies=[Deployer])

@@ -58,11 +58,14 @@ def cancel(job: JobDep, session: SessionDep) -> JobOut:
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries)
 def job_metrics(job: JobDep, session: SessionDep, name: Annotated[str, Query(max_length=50)],
-                since_step: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0) -> dict:
+                since_step: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
+                limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> dict:
+    """A page of one metric's points by step, from since_step on."""
     rows = session.scalars(select(Metric).where(Metric.job_id == job.id, Metric.name == name,
-                                                Metric.step >= since_step).order_by(Metric.step)).all()
-    return {"job_id": job.id, "name": name, "data": [{"step": m.step, "value": m.value, "time": m.time}
-                                                     for m in rows]}
+                                                Metric.step >= since_step).order_by(Metric.step)
+                           .limit(limit + 1)).all()
+    return {"job_id": job.id, "name": name, "has_more": len(rows) > limit,
+            "data": [{"step": m.step, "value": m.value, "time": m.time} for m in rows[:limit]]}
 
 
 def _events(session, job_id: str, after: int, limit: int) -> list[JobEvent]:

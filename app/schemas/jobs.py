@@ -177,6 +177,7 @@ class MetricSeries(BaseModel):
     job_id: str
     name: str
     data: list[MetricPoint]
+    has_more: bool = Field(description="more points follow: ask again with since_step one past the last step")
 
 
 class EventOut(BaseModel):

@@ -96,11 +96,12 @@ def test_import_read_list_and_download(client, tiny_hf, tmp_path):
     assert download.status_code == 200, download.text
     assert download.headers["content-type"] == "application/x-tar"
     assert f"{checkpoint['id']}.tar" in download.headers["content-disposition"]
+    assert int(download.headers["content-length"]) == len(download.content)
     with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
         names = set(tar.getnames())
         assert {f"{checkpoint['id']}/model.safetensors", f"{checkpoint['id']}/config.json"} <= names, names
         tar.extractall(tmp_path / "extracted", filter="data")
-    assert list(data_dir(client).glob("*.tar")) == []  # the archive is removed once sent
+    assert list(data_dir(client).rglob("*.tar")) == []  # streamed as it is made: no archive on disk
 
     from model import load_checkpoint
 

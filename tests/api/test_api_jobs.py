@@ -133,11 +133,35 @@ def test_events_and_metrics_of_a_queued_job(api, text_corpus):
 
     metrics = api.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "train_loss"})
     assert metrics.status_code == 200, metrics.text
-    assert metrics.json() == {"object": "metrics", "job_id": job["id"], "name": "train_loss", "data": []}
+    assert metrics.json() == {"object": "metrics", "job_id": job["id"], "name": "train_loss", "data": [],
+                              "has_more": False}
     assert_error(api.get(f"/v1/jobs/{job['id']}/metrics"), 422, "name", "Field required", param="name")
     assert_error(api.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "x", "since_step": -1}), 422,
                  "since_step", param="since_step")
     assert_error(api.get(f"/v1/jobs/{job['id']}/events", params={"limit": 0}), 422, "limit", param="limit")
+
+
+def test_metrics_come_in_pages(api, text_corpus):
+    from sqlalchemy import insert
+
+    from core.tables import Metric
+
+    job = api.post("/v1/jobs", json=readme_job(text_corpus)).json()
+    with api.app.state.services.database.session() as session:
+        session.execute(insert(Metric), [{"job_id": job["id"], "name": "train_loss", "step": step, "value": 1 / step}
+                                         for step in range(1, 2501)])
+    url = f"/v1/jobs/{job['id']}/metrics"
+    first = api.get(url, params={"name": "train_loss"}).json()
+    assert len(first["data"]) == 1000 and first["has_more"] and first["data"][-1]["step"] == 1000
+    steps, since = [], 1
+    while True:
+        page = api.get(url, params={"name": "train_loss", "since_step": since, "limit": 900}).json()
+        steps += [p["step"] for p in page["data"]]
+        if not page["has_more"]:
+            break
+        since = page["data"][-1]["step"] + 1
+    assert steps == list(range(1, 2501))
+    assert_error(api.get(url, params={"name": "train_loss", "limit": 10_001}), 422, "limit", param="limit")
 
 
 INVALID = [  # (id, changes to the README request, or a function of the fixture's ids; words; param or None)
