@@ -188,7 +188,7 @@ def main() -> None:
     model = GPT(GPTConfig.preset("small")).eval()
     data = Path(tempfile.mkdtemp(prefix="scratchllm-bench-"))
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(data), "SCRATCHLLM_SERVING_MAX_BATCH": "8",
-           "SCRATCHLLM_SERVING_MAX_QUEUE": "64"}
+           "SCRATCHLLM_SERVING_MAX_QUEUE": "64", "SCRATCHLLM_API_KEYS_REQUIRED": "false"}  # one local user
     subprocess.run([sys.executable, "-m", "scratchllm", "db", "upgrade"], env=env, check=True, capture_output=True)
     save_checkpoint(data / "checkpoints" / "bench", model, gpt2_tokenizer())
 

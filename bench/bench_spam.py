@@ -157,14 +157,16 @@ def check_evaluation_job(model: GPTClassifier, test_set, max_length: int, predic
     from worker.runner import run
 
     with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(data_dir=Path(folder), database_url=f"sqlite:///{folder}/scratchllm.db")
+        settings = Settings(data_dir=Path(folder), database_url=f"sqlite:///{folder}/scratchllm.db",
+                            api_keys_required=False)
         upgrade(settings.database_url)
         tsv = "".join(f"{['ham', 'spam'][label]}\t{text}\n" for text, label in
                       zip(test_set.texts, test_set.labels, strict=True))
         path = save_checkpoint(settings.data_dir / "checkpoints" / "bench-spam", model, gpt2_tokenizer(),
                                label_names=["ham", "spam"])
         checkpoint_id = register_checkpoint(settings.data_dir, settings.sqlalchemy_url, path)
-        with TestClient(create_app(settings)) as client:
+        # as the one local user of a server without keys
+        with TestClient(create_app(settings), base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
             corpus = client.post("/v1/corpora", data={"kind": "classification"},
                                  files={"file": ("test.tsv", tsv.encode())}).json()["id"]
             evaluation = client.post("/v1/evaluations", json={"checkpoint_id": checkpoint_id, "corpus_id": corpus,
