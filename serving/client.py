@@ -22,6 +22,9 @@ from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
 from serving.metrics import ServingMetrics
 
+# a stop string is looked for in the text held back after every token, on the engine thread all requests share
+MAX_STOP_CHARS = 256
+
 
 class Overloaded(Exception):
     """The engine is full (every slot busy and the queue at its limit), or the deployment runs as many

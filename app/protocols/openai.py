@@ -7,7 +7,7 @@ The chat template of an instruction-finetuned checkpoint is the prompt format it
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,7 +17,7 @@ from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, format_chat
 from model.json_text import parse_json
-from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.client import MAX_STOP_CHARS, EngineClient, Generation, Model, PromptTooLong, pick_seed
 from serving.deployments import NotServing, Served
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -37,6 +37,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, logit_bias, ...)
 
@@ -44,7 +47,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False

@@ -2,7 +2,7 @@
 and answers, and its errors `{error, error_type}` (422 for a request it refuses)."""
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -12,7 +12,7 @@ from app.protocols.failures import failure_of, first_problem
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.json_text import parse_json
-from serving.client import EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.client import MAX_STOP_CHARS, EngineClient, Generation, Model, PromptTooLong, pick_seed
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 MAX_STOP_SEQUENCES = 16
@@ -44,7 +44,8 @@ class Parameters(BaseModel):
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
+                                                                         max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, lt=2**63)
     details: bool = False
     return_full_text: bool = False

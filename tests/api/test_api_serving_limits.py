@@ -73,3 +73,18 @@ def test_classification_batches_past_the_limit_answer_429_with_retry_after(api, 
     assert_error(full, 429, "overloaded", f"{limit} classification batches", param="model")
     assert full.headers["retry-after"] == "1"
     assert api.post("/classify", json=body).status_code == 200  # the batches' places are free again
+
+
+def test_stop_strings_past_their_size_limit_are_refused(api, lm):
+    from serving.client import MAX_STOP_CHARS
+
+    deploy(api, "tiny", add_checkpoint(api, lm), default=True)
+    long_stop = "x" * (MAX_STOP_CHARS + 1)
+    tgi = api.post("/generate", json={"inputs": "Hi", "parameters": {"stop": [long_stop]}})
+    assert tgi.status_code == 422 and "256" in tgi.json()["error"]
+    for stop in (long_stop, ["a", long_stop]):
+        openai = api.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "stop": stop})
+        assert openai.status_code == 400 and openai.json()["error"]["param"].startswith("stop"), openai.text
+    fine = api.post("/generate", json={"inputs": "Hi", "parameters": {"stop": ["x" * MAX_STOP_CHARS],
+                                                                        "max_new_tokens": 2}})
+    assert fine.status_code == 200, fine.text
