@@ -156,9 +156,10 @@ def up(args: argparse.Namespace) -> None:
 
     if args.data_dir:
         os.environ["SCRATCHLLM_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    # one user on this machine needs no keys; served beyond it, keys are required
-    os.environ.setdefault("SCRATCHLLM_API_KEYS_REQUIRED", str(not is_loopback_host(args.host)).lower())
     settings = Settings()
+    if "api_keys_required" not in settings.model_fields_set:  # neither the environment nor .env says
+        # one user on this machine needs no keys; served beyond it, keys are required
+        settings = settings.model_copy(update={"api_keys_required": not is_loopback_host(args.host)})
     _refuse_open_mode_off_loopback(settings, args.host)
     os.environ["SCRATCHLLM_DATA_DIR"] = str(settings.data_dir)  # the worker sees the same folder
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 
@@ -23,10 +24,12 @@ def alive(pid: int) -> bool:
 
 
 def start_up(tmp_path, port: int) -> subprocess.Popen:
+    """`scratchllm up` started in tmp_path (where a .env file may wait)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCRATCHLLM_")}
     env["SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S"] = "5"
     up = subprocess.Popen([sys.executable, "-m", "scratchllm", "up", "--port", str(port), "--data-dir",
-                           str(tmp_path / "data")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           str(tmp_path / "data")], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -53,10 +56,20 @@ def worker_processes(up: subprocess.Popen) -> list[int]:
     return workers + [c for w in workers for c in children_of(w)]
 
 
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_up_serves_with_a_worker_and_ctrl_c_leaves_nothing_running(tmp_path):
-    up = start_up(tmp_path, 18000 + os.getpid() % 1000)
+    port = 18000 + os.getpid() % 1000
+    up = start_up(tmp_path, port)
     try:
         assert (tmp_path / "data" / "scratchllm.db").is_file()
+        assert status_of(f"http://127.0.0.1:{port}/v1/jobs") == 200  # its one local user needs no key
         descendants = worker_processes(up)
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
@@ -73,3 +86,14 @@ def test_the_worker_dies_with_a_killed_parent(tmp_path):
     up.kill()
     up.wait()
     assert wait_gone(descendants)
+
+
+def test_up_keeps_keys_required_when_the_env_file_says_so(tmp_path):
+    (tmp_path / ".env").write_text("SCRATCHLLM_API_KEYS_REQUIRED=true\n")
+    port = 17000 + os.getpid() % 1000
+    up = start_up(tmp_path, port)
+    try:
+        assert status_of(f"http://127.0.0.1:{port}/v1/jobs") == 401
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)
