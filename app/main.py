@@ -36,7 +36,7 @@ from serving.deployments import DeploymentManager, follow_deployments
 def _services(settings: Settings, metrics: Metrics) -> Services:
     database = Database(settings.sqlalchemy_url)
     manager = DeploymentManager(database, settings.storage, settings.serving_max_batch, settings.serving_max_queue,
-                                metrics)
+                                metrics, settings.max_serving_memory_bytes)
     engines = EngineClient(manager, metrics, settings.generation_timeout_s, settings.serving_max_prompt_chars,
                            settings.serving_max_classify_batches)
     return Services(settings=settings, database=database, queue=JobQueue(settings), deployments=manager,

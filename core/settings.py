@@ -32,6 +32,12 @@ class Settings(BaseSettings):
                                          "is sent again: its broker message may be lost")
     broker_polling_interval_s: float = Field(0.1, gt=0)
     serving_max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together per deployment")
+    max_training_memory_bytes: int = Field(16 * 1024**3, gt=0, description=(
+        "a pretraining job whose estimated memory (weights, gradients, AdamW state, one step's activations) is "
+        "larger is refused (422)"))
+    max_serving_memory_bytes: int = Field(8 * 1024**3, gt=0, description=(
+        "the memory all deployments of an API process may hold together (weights and the KV cache for "
+        "serving_max_batch sequences of the whole context); a deployment past it is refused (422), or fails at start"))
     serving_max_queue: int = Field(64, ge=0, description="requests waiting per deployment before 429")
     serving_max_prompt_chars: int = Field(32_768, ge=1, description="the longest prompt or text to classify, in "
                                           "characters: a longer one is refused (413) before it is tokenized")

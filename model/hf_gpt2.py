@@ -12,9 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -32,6 +33,16 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # The causal-mask buffers that older transformers versions saved with every block; they hold no weights.
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 BLOCK_KEY = re.compile(r"h\.(\d+)\..+")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes a weight may have
+# The config fields that size each tensor a wrong shape can name; a block's tensors are sized by n_embd.
+SHAPE_FIELDS = {"wte.weight": "vocab_size and n_embd", "wpe.weight": "n_positions and n_embd",
+                "lm_head.weight": "vocab_size and n_embd"}
+T = TypeVar("T")
+
+
+class TensorHeader(NamedTuple):
+    shape: tuple[int, ...]
+    floating: bool
 
 
 def _hf_name(ours: str) -> str:
@@ -48,10 +59,6 @@ def _listing(names) -> str:
     return shown if len(names) <= 6 else f"{shown} and {len(names) - 6} more"
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(file)
@@ -59,16 +66,12 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
 
 
-def _read_directory(path: Path) -> tuple[dict[str, Tensor], dict]:
-    config = parse_json((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+def _safetensors_files(path: Path) -> list[Path]:
     if (path / WEIGHTS).is_file():
-        return _read_safetensors(path / WEIGHTS), config
+        return [path / WEIGHTS]
     if (path / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(parse_json((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(_read_safetensors(path / shard))
-        return state, config
+        return [path / shard for shard in sorted(set(parse_json((path / WEIGHTS_INDEX).read_text())["weight_map"]
+                                                     .values()))]
     others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if others:
         raise ValueError(f"{path} has no {WEIGHTS}, only {', '.join(others)}: pickled checkpoints are "
@@ -76,8 +79,22 @@ def _read_directory(path: Path) -> tuple[dict[str, Tensor], dict]:
     raise ValueError(f"{path} has no {WEIGHTS}")
 
 
-def _hf_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The tensors under GPT2Model's names: `transformer.` dropped, mask buffers left out."""
+def _read_headers(files: list[Path]) -> dict[str, TensorHeader]:
+    """Every tensor's shape and dtype, from the files' headers: no tensor is read."""
+    headers = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    tensor = f.get_slice(name)
+                    headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype() in FLOAT_DTYPES)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+    return headers
+
+
+def _hf_state(state: Mapping[str, T]) -> dict[str, T]:
+    """The tensors (or their headers) under GPT2Model's names: `transformer.` dropped, mask buffers left out."""
     out = {}
     for key, tensor in state.items():
         name = key.removeprefix("transformer.")
@@ -89,7 +106,7 @@ def _hf_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _gpt_config(hf: dict, state: dict[str, Tensor]) -> GPTConfig:
+def _gpt_config(hf: dict, headers: dict[str, TensorHeader]) -> GPTConfig:
     """GPTConfig from Hugging Face GPT2Config fields, with the sizes it lacks read off the tensors."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"model_type is {hf['model_type']!r}, not 'gpt2': only GPT-2 checkpoints "
@@ -104,13 +121,17 @@ def _gpt_config(hf: dict, state: dict[str, Tensor]) -> GPTConfig:
         raise ValueError("scale_attn_weights=False or scale_attn_by_inverse_layer_idx=True: our GPT "
                          "always scales attention scores by 1/sqrt(head_dim)")
     for key in ("wte.weight", "wpe.weight"):
-        if key not in state:
+        if key not in headers:
             raise ValueError(f"missing key {key!r}")
     if "n_head" not in hf:
         raise ValueError("n_head cannot be read off the weights: pass it in config, "
                          "e.g. config={'n_head': 12}")
-    blocks = {int(m.group(1)) for m in map(BLOCK_KEY.fullmatch, state) if m}
-    vocab_size, n_embd = state["wte.weight"].shape
+    n_blocks = len({int(m.group(1)) for m in map(BLOCK_KEY.fullmatch, headers) if m})
+    n_layer = hf.get("n_layer", n_blocks)
+    # Checked before any per-layer work: a config may claim any number of layers.
+    if n_layer != n_blocks:
+        raise ValueError(f"n_layer is {n_layer!r} but the weights hold {n_blocks} blocks (h.0, h.1, ...)")
+    vocab_size, n_embd = headers["wte.weight"].shape
     n_embd = hf.get("n_embd", n_embd)
     n_inner = hf.get("n_inner")
     if n_inner is not None and n_inner != 4 * n_embd:
@@ -119,13 +140,67 @@ def _gpt_config(hf: dict, state: dict[str, Tensor]) -> GPTConfig:
     dropouts = [hf[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop") if hf.get(k) is not None]
     return GPTConfig(
         vocab_size=hf.get("vocab_size", vocab_size),
-        context_length=hf.get("n_positions", hf.get("n_ctx", state["wpe.weight"].shape[0])),
-        n_layer=hf.get("n_layer", max(blocks, default=-1) + 1),
+        context_length=hf.get("n_positions", hf.get("n_ctx", headers["wpe.weight"].shape[0])),
+        n_layer=n_layer,
         n_head=hf["n_head"],
         n_embd=n_embd,
         dropout=max(dropouts, default=0.0),
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
+
+
+def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a GPT2Model with this config, under its names and in its layout (Conv1D
+    weights [in, out]), computed from the config so that a checkpoint is checked before a module is built."""
+    c, bias = config.n_embd, config.bias
+    vector = {"weight": (c,), **({"bias": (c,)} if bias else {})}
+    shapes = {"wte.weight": (config.vocab_size, c), "wpe.weight": (config.context_length, c),
+              **{f"ln_f.{k}": v for k, v in vector.items()}}
+    block = {**{f"ln_1.{k}": v for k, v in vector.items()}, **{f"ln_2.{k}": v for k, v in vector.items()},
+             "attn.c_attn.weight": (c, 3 * c), "attn.c_proj.weight": (c, c),
+             "mlp.c_fc.weight": (c, 4 * c), "mlp.c_proj.weight": (4 * c, c)}
+    if config.qkv_bias:
+        block["attn.c_attn.bias"] = (3 * c,)
+    if bias:
+        block.update({"attn.c_proj.bias": (c,), "mlp.c_fc.bias": (4 * c,), "mlp.c_proj.bias": (c,)})
+    for layer in range(config.n_layer):
+        shapes.update({f"h.{layer}.{name}": shape for name, shape in block.items()})
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, c)
+    return shapes
+
+
+def _check_tensors(config: GPTConfig, headers: dict[str, TensorHeader]) -> None:
+    """Every tensor the config needs is there, with its shape and a floating-point dtype, and no other."""
+    expected = hf_shapes(config)
+    missing = expected.keys() - headers.keys()
+    if missing:
+        raise ValueError(f"missing key(s): {_listing(missing)}")
+    unexpected = headers.keys() - expected.keys()
+    if unexpected:
+        raise ValueError(f"unexpected key(s): {_listing(unexpected)}")
+    for name, shape in expected.items():
+        header = headers[name]
+        if header.shape != shape:
+            fields = SHAPE_FIELDS.get(name, "n_embd")
+            raise ValueError(f"{name}: checkpoint shape {list(header.shape)}, the config needs {list(shape)} "
+                             f"(from {fields})")
+        if not header.floating:
+            raise ValueError(f"{name}: the tensor is not floating point")
+
+
+def _open(path_or_state_dict) -> tuple[dict[str, Tensor], dict, list[Path], dict[str, TensorHeader]]:
+    """The tensors given (none yet from a directory), config.json, the files to read tensors from and every
+    tensor's header."""
+    if isinstance(path_or_state_dict, Mapping):
+        state = dict(path_or_state_dict)
+        return state, {}, [], {name: TensorHeader(tuple(t.shape), t.is_floating_point()) for name, t in state.items()}
+    path = Path(path_or_state_dict)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a checkpoint directory")
+    hf_config = parse_json((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    files = _safetensors_files(path)
+    return {}, hf_config, files, _read_headers(files)
 
 
 def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
@@ -136,23 +211,24 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     state dict of GPT2LMHeadModel / GPT2Model tensors. config holds GPT2Config fields (n_head, n_layer,
     n_embd, n_positions, vocab_size, layer_norm_epsilon, *_pdrop); they override config.json. Sizes
     missing from both are read off the tensor shapes, except n_head, which the shapes do not show.
-    Anything that does not fit our GPT exactly raises ValueError naming the key or setting.
+    Anything that does not fit our GPT exactly raises ValueError naming the key or setting; the config and
+    every tensor's shape are checked before a tensor is read from a file or a module is built.
     """
-    if isinstance(path_or_state_dict, Mapping):
-        state, hf_config = dict(path_or_state_dict), {}
-    else:
-        path = Path(path_or_state_dict)
-        if not path.is_dir():
-            raise ValueError(f"{path} is not a checkpoint directory")
-        state, hf_config = _read_directory(path)
+    state, hf_config, files, headers = _open(path_or_state_dict)
     hf_config = {**hf_config, **(config or {})}
-    state = _hf_state(state)
+    headers = _hf_state(headers)
+    gpt_config = _gpt_config(hf_config, headers)
+    tied = hf_config.get("tie_word_embeddings")
+    # A stored head is checked like any tensor; whether it is a copy of wte.weight is known once read.
+    _check_tensors(replace(gpt_config, tie_embeddings=tied is not False and "lm_head.weight" not in headers),
+                   headers)
 
-    gpt_config = _gpt_config(hf_config, state)
+    for file in files:
+        state.update(_read_safetensors(file))
+    state = _hf_state(state)
     # As in transformers, tie_word_embeddings (default true) decides and a tied head's stored copy is
     # ignored. A bare state dict has no config: a head that differs from wte.weight is an untied head.
     lm_head = state.get("lm_head.weight")
-    tied = hf_config.get("tie_word_embeddings")
     if tied is None:
         tied = lm_head is None or torch.equal(lm_head, state["wte.weight"].to(lm_head))
     if tied:
@@ -162,21 +238,10 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
 
     with torch.device("meta"):
         model = GPT(gpt_config)
-    expected = {_hf_name(name): param for name, param in model.state_dict().items()}
-    missing = expected.keys() - state.keys()
-    if missing:
-        raise ValueError(f"missing key(s): {_listing(missing)}")
-    unexpected = state.keys() - expected.keys()
-    if unexpected:
-        raise ValueError(f"unexpected key(s): {_listing(unexpected)}")
-
     ours = {}
-    for name, param in model.state_dict().items():
+    for name in model.state_dict():
         hf = _hf_name(name)
         tensor = state[hf].t() if _is_conv1d(hf) else state[hf]
-        if tensor.shape != param.shape:
-            want = param.shape[::-1] if _is_conv1d(hf) else param.shape
-            raise ValueError(f"{hf}: checkpoint shape {_shape(state[hf])}, the config needs {list(want)}")
         # A copy, so the model never shares memory with the caller's state dict.
         ours[name] = tensor.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     model.load_state_dict(ours, assign=True)

@@ -20,13 +20,32 @@ from core.db import Database
 from core.enums import CheckpointTask
 from core.storage import DataDir
 from core.tables import Checkpoint, Deployment
-from model import load_checkpoint, merge_lora
+from model import ConfigError, GPTConfig, load_checkpoint, merge_lora
 from model.linear import pack_linears
+from model.memory import human_bytes, serving_bytes, weight_bytes
 from serving.engine import Engine
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 300  # an old engine is stopped once its streams end, or after this
+
+
+def memory_estimate(model_config: dict, task: str, max_batch: int) -> int:
+    """The bytes a deployment of this checkpoint holds: weights and their packed copy, and for a language model
+    the KV cache for max_batch sequences of its whole context, which the engine allocates up front."""
+    config = GPTConfig.from_dict(model_config)
+    if task == CheckpointTask.LM:
+        return serving_bytes(config, max_batch)
+    return 2 * weight_bytes(config)  # classifiers keep packed copies of their linear layers (pack_linears)
+
+
+def over_budget(checkpoint_id: str, estimate: int, others: int, limit: int) -> str | None:
+    """Why a deployment needing `estimate` bytes does not fit beside `others` bytes held already; None if it does."""
+    if estimate + others <= limit:
+        return None
+    return (f"checkpoint {checkpoint_id} needs about {human_bytes(estimate)} to serve (weights and the KV cache "
+            f"for serving_max_batch sequences of its whole context); with the {human_bytes(others)} the other "
+            f"deployments hold, that is past the limit of {human_bytes(limit)} (max_serving_memory_bytes)")
 
 
 class DeploymentState(StrEnum):
@@ -43,6 +62,7 @@ class Loaded:
     tokenizer: object
     meta: dict
     prompt_format: str | None
+    memory_bytes: int = 0  # memory_estimate of it
 
 
 @dataclass
@@ -54,6 +74,12 @@ class Served:
     error: str | None = None
     current: Loaded | None = None  # what it serves now (the previous checkpoint while a new one loads)
     loading_id: str | None = None
+    loading_bytes: int = 0  # memory_estimate of the checkpoint loading
+
+    @property
+    def memory_bytes(self) -> int:
+        """What it holds now: the checkpoint it serves and the one loading (both are in memory during a switch)."""
+        return (self.current.memory_bytes if self.current else 0) + self.loading_bytes
 
 
 class NotServing(Exception):
@@ -72,9 +98,9 @@ class NotServing(Exception):
 
 class DeploymentManager:
     def __init__(self, database: Database, storage: DataDir, max_batch: int, max_queue: int,
-                 metrics: ServingMetrics):
+                 metrics: ServingMetrics, max_memory_bytes: int):
         self.database, self.storage, self.metrics = database, storage, metrics
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.max_memory_bytes = max_batch, max_queue, max_memory_bytes
         self.served: dict[str, Served] = {}
         self.retiring: list[tuple[Loaded, float]] = []  # engines replaced, finishing their streams
         self._lock = threading.Lock()
@@ -83,14 +109,16 @@ class DeploymentManager:
         """Bring this process in line with the deployments table (called periodically and after changes)."""
         with self.database.session() as session:
             rows = session.execute(select(Deployment.name, Deployment.checkpoint_id, Deployment.is_default,
-                                          Checkpoint.path, Checkpoint.prompt_format)
-                                   .join(Checkpoint, Checkpoint.id == Deployment.checkpoint_id)).all()
-        wanted = {name: (checkpoint_id, is_default, path, prompt_format)
-                  for name, checkpoint_id, is_default, path, prompt_format in rows}
+                                          Checkpoint.path, Checkpoint.prompt_format, Checkpoint.model_config,
+                                          Checkpoint.task)
+                                   .join(Checkpoint, Checkpoint.id == Deployment.checkpoint_id)
+                                   .order_by(Deployment.id)).all()
+        wanted = {name: (checkpoint_id, is_default, path, prompt_format, model_config, task)
+                  for name, checkpoint_id, is_default, path, prompt_format, model_config, task in rows}
         with self._lock:
             for name in set(self.served) - set(wanted):
                 self._retire(self.served.pop(name).current)
-            for name, (checkpoint_id, is_default, path, prompt_format) in wanted.items():
+            for name, (checkpoint_id, is_default, path, prompt_format, model_config, task) in wanted.items():
                 served = self.served.get(name)
                 if served is None:
                     served = self.served[name] = Served(name, checkpoint_id, is_default)
@@ -99,13 +127,33 @@ class DeploymentManager:
                 if already or served.loading_id == checkpoint_id or (
                         served.state == DeploymentState.FAILED and served.checkpoint_id == checkpoint_id):
                     continue
-                served.checkpoint_id, served.loading_id, served.error = checkpoint_id, checkpoint_id, None
+                served.checkpoint_id, served.error = checkpoint_id, None
+                try:
+                    estimate = memory_estimate(model_config, task, self.max_batch)
+                except ConfigError as e:  # rows are checked when written; one that is not must not stop the sync
+                    self._refuse(served, f"checkpoint {checkpoint_id} has an unusable model config: {e}")
+                    continue
+                # Its own current checkpoint is not counted: it is let go once the new one is ready.
+                others = sum(s.memory_bytes for s in self.served.values() if s is not served)
+                refusal = over_budget(checkpoint_id, estimate, others, self.max_memory_bytes)
+                if refusal is not None:  # a stored deployment past a limit lowered since: failed, not loaded
+                    self._refuse(served, f"not loading checkpoint {checkpoint_id}: {refusal}")
+                    continue
+                served.loading_id, served.loading_bytes = checkpoint_id, estimate
                 served.state = DeploymentState.LOADING if served.current is None else served.state
-                threading.Thread(target=self._load, args=(served, checkpoint_id, path, prompt_format),
+                threading.Thread(target=self._load, args=(served, checkpoint_id, path, prompt_format, estimate),
                                  name=f"load-{name}", daemon=True).start()
             self._stop_drained()
 
-    def _load(self, served: Served, checkpoint_id: str, path: str, prompt_format: str | None) -> None:
+    @staticmethod
+    def _refuse(served: Served, error: str) -> None:
+        """The checkpoint is not loaded; what is served (if anything) stays served."""
+        served.error = error
+        if served.current is None:
+            served.state = DeploymentState.FAILED
+
+    def _load(self, served: Served, checkpoint_id: str, path: str, prompt_format: str | None,
+              memory_bytes: int) -> None:
         try:
             model, tokenizer, meta = load_checkpoint(self.storage.checkpoint_dir(path))
             merge_lora(model)
@@ -114,13 +162,14 @@ class DeploymentManager:
                 engine = Engine(model, tokenizer, self.max_batch, self.max_queue).start()
             else:
                 pack_linears(model)  # classification runs batches of texts
-            loaded = Loaded(checkpoint_id, engine, model, tokenizer, meta, prompt_format)
+            loaded = Loaded(checkpoint_id, engine, model, tokenizer, meta, prompt_format, memory_bytes)
         except Exception as e:  # any failure to load leaves the previous checkpoint served
             log.exception("deployment %s: loading checkpoint %s failed", served.name, checkpoint_id)
             self.metrics.load_failures.labels(served.name).inc()
             with self._lock:
                 if served.loading_id == checkpoint_id:
-                    served.loading_id, served.error = None, f"loading checkpoint {checkpoint_id} failed: {e}"
+                    served.loading_id, served.loading_bytes = None, 0
+                    served.error = f"loading checkpoint {checkpoint_id} failed: {e}"
                     served.state = DeploymentState.FAILED if served.current is None else DeploymentState.READY
             return
         with self._lock:
@@ -128,7 +177,8 @@ class DeploymentManager:
                 self._retire(loaded)  # superseded while it loaded
                 return
             self._retire(served.current)
-            served.current, served.loading_id, served.state, served.error = loaded, None, DeploymentState.READY, None
+            served.current, served.loading_id, served.loading_bytes = loaded, None, 0
+            served.state, served.error = DeploymentState.READY, None
 
     def _retire(self, loaded: Loaded | None) -> None:
         if loaded is not None and loaded.engine is not None:

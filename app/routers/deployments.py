@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.auth import Deployer, ReadOrTrain
-from app.deps import DeploymentsDep, PageDep, SessionDep
+from app.deps import DeploymentsDep, PageDep, SessionDep, SettingsDep
 from app.schemas.common import Deleted, Page
 from app.schemas.deployments import DeploymentCreate, DeploymentOut, DeploymentUpdate
 from app.services import deployments
@@ -29,8 +29,9 @@ def _task(session, deployment: Deployment) -> str:
 
 
 @router.post("", status_code=201, response_model=DeploymentOut, dependencies=[Deployer])
-def create_deployment(body: DeploymentCreate, session: SessionDep, manager: DeploymentsDep) -> DeploymentOut:
-    deployment = deployments.create(session, body.name, body.checkpoint_id, body.default)
+def create_deployment(body: DeploymentCreate, session: SessionDep, manager: DeploymentsDep,
+                      settings: SettingsDep) -> DeploymentOut:
+    deployment = deployments.create(session, body.name, body.checkpoint_id, body.default, settings)
     manager.sync()
     return _out(manager, deployment, _task(session, deployment))
 
@@ -51,8 +52,8 @@ def get_deployment(name: str, session: SessionDep, manager: DeploymentsDep) -> D
 
 @router.patch("/{name}", response_model=DeploymentOut, dependencies=[Deployer])
 def update_deployment(name: str, body: DeploymentUpdate, session: SessionDep,
-                      manager: DeploymentsDep) -> DeploymentOut:
-    deployment = deployments.change(session, name, body.checkpoint_id, body.default)
+                      manager: DeploymentsDep, settings: SettingsDep) -> DeploymentOut:
+    deployment = deployments.change(session, name, body.checkpoint_id, body.default, settings)
     manager.sync()
     return _out(manager, deployment, _task(session, deployment))
 

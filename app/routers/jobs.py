@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.auth import ReadOrTrain
-from app.deps import DatabaseDep, JobDep, PageDep, QueueDep, SessionDep
+from app.deps import DatabaseDep, JobDep, PageDep, QueueDep, SessionDep, SettingsDep
 from app.schemas.common import Page
 from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatusName, JobTypeName, MetricSeries
 from app.services.jobs import create_job, send_job
@@ -24,8 +24,8 @@ MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 
 
 @router.post("", status_code=201, response_model=JobOut)
-def submit_job(body: JobCreate, session: SessionDep, queue: QueueDep) -> JobOut:
-    job = create_job(session, body)
+def submit_job(body: JobCreate, session: SessionDep, queue: QueueDep, settings: SettingsDep) -> JobOut:
+    job = create_job(session, body, settings.max_training_memory_bytes)
     session.commit()
     send_job(queue, session, job)
     return JobOut.of(job)

@@ -10,6 +10,7 @@ from core.queue import JobQueue
 from core.tables import Checkpoint, Corpus, Job
 from model import ConfigError, GPTConfig
 from model.config import GPT2_VOCAB_SIZE
+from model.memory import human_bytes, training_bytes
 
 
 def named_row(session: Session, model, key: str, what: str, param: str):
@@ -29,7 +30,7 @@ def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
     return corpus
 
 
-def _model_config(request: JobCreate) -> dict:
+def _model_config(request: JobCreate, max_memory_bytes: int) -> dict:
     tokenizer = request.tokenizer
     vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
     try:
@@ -40,6 +41,13 @@ def _model_config(request: JobCreate) -> dict:
     if block_size is not None and block_size > config.context_length:
         raise Invalid(f"block_size {block_size} exceeds the model's context length {config.context_length}",
                       param="hyperparameters.block_size")
+    batch_size = request.hyperparameters.batch_size
+    estimate = training_bytes(config, batch_size, block_size or config.context_length)
+    if estimate > max_memory_bytes:
+        raise Invalid(f"training this model with batch_size {batch_size} needs about {human_bytes(estimate)} "
+                      f"(weights, gradients, AdamW state and activations); the limit is "
+                      f"{human_bytes(max_memory_bytes)} (max_training_memory_bytes): choose a smaller model, "
+                      f"batch_size or block_size", param="model")
     return config.to_dict()
 
 
@@ -59,7 +67,7 @@ def _base_checkpoint(session: Session, request: JobCreate) -> Checkpoint:
     return checkpoint
 
 
-def create_job(session: Session, request: JobCreate) -> Job:
+def create_job(session: Session, request: JobCreate, max_training_memory_bytes: int) -> Job:
     """A queued Job row (and its first event) for a request that holds up; Invalid names what does not."""
     kind = jobs.CORPUS_KIND[request.type]
     corpus = _corpus(session, request.corpus_id, "corpus_id", kind)
@@ -71,7 +79,7 @@ def create_job(session: Session, request: JobCreate) -> Job:
                           f"(labels {corpus.label_names})", param="validation_corpus_id")
     spec = request.model_dump(mode="json")
     if request.type == jobs.JobType.PRETRAIN:
-        spec["model_config"] = _model_config(request)
+        spec["model_config"] = _model_config(request, max_training_memory_bytes)
     else:
         _base_checkpoint(session, request)
     return jobs.create(session, name=request.name, type=request.type, corpus_id=request.corpus_id,

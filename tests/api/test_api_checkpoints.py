@@ -243,3 +243,29 @@ def test_import_errors_do_not_show_server_paths(client, tiny_hf):
 def test_nul_characters_are_not_a_500(api, method, url, params):
     response = getattr(lenient(api), method)(url, **({"params": params} if params else {}))
     assert response.status_code < 500, response.text
+
+
+@pytest.fixture
+def no_model_is_built(monkeypatch):
+    from model import GPT
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a GPT was built")
+
+    monkeypatch.setattr(GPT, "__init__", refuse)
+
+
+def test_more_layers_than_the_weights_hold_is_422_before_a_model_is_built(client, tiny_hf, no_model_is_built):
+    _, weights, config = tiny_hf
+    error = assert_error(import_checkpoint(client, weights, {**config, "n_layer": 20000}), 422,
+                         "n_layer is 20000", "2 blocks", param="config")
+    assert str(data_dir(client)) not in error["message"], error
+    assert_nothing_imported(client)
+
+
+def test_an_absurd_context_is_422_naming_the_field_without_a_trace(client, tiny_hf, no_model_is_built):
+    _, weights, config = tiny_hf
+    error = assert_error(import_checkpoint(client, weights, {**config, "n_positions": 2**70}), 422,
+                         "n_positions", "wpe.weight", param="weights")
+    assert str(data_dir(client)) not in error["message"] and "c10" not in error["message"], error
+    assert_nothing_imported(client)

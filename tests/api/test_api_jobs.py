@@ -398,3 +398,21 @@ def test_nul_characters_are_not_a_500(api, text_corpus, method, url, kwargs):
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert_error(response, response.status_code)
+
+
+def test_a_shape_too_big_to_train_is_422_with_the_estimate(api, text_corpus):
+    huge = {"preset": "gpt2", "n_layer": 128, "n_head": 128, "n_embd": 16384, "context_length": 32768}
+    body = readme_job(text_corpus, model=huge, hyperparameters={"max_steps": 1, "batch_size": 4096})
+    assert_error(api.post("/v1/jobs", json=body), 422, "PiB", "16.0 GiB", "max_training_memory_bytes",
+                 param="model")
+    assert_no_jobs(api)
+
+
+def test_the_training_memory_limit_counts_batch_size_and_block_size(api, text_corpus):
+    api.app.state.services.settings.max_training_memory_bytes = 1024**3
+    # nano at batch 8 x 128 tokens: about 450 MiB, mostly the logits over GPT-2's vocabulary; 3.2 GiB at batch 64
+    assert api.post("/v1/jobs", json=readme_job(text_corpus)).status_code == 201
+    big_batch = readme_job(text_corpus, hyperparameters={"max_steps": 1, "batch_size": 64})
+    assert_error(api.post("/v1/jobs", json=big_batch), 422, "batch_size 64", "3.2 GiB", "1.0 GiB", param="model")
+    short_windows = readme_job(text_corpus, hyperparameters={"max_steps": 1, "batch_size": 64, "block_size": 16})
+    assert api.post("/v1/jobs", json=short_windows).status_code == 201

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig
-from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
+from model.hf_gpt2 import export_hf_gpt2, hf_shapes, import_hf_gpt2
 from model.lora import LoRAConfig, apply_lora
 
 transformers = pytest.importorskip("transformers")
@@ -231,3 +231,45 @@ def test_parity_at_gpt2_124m_shape():
     assert ours.config == GPTConfig.preset("gpt2", dropout=0.1)
     assert ours.num_parameters() == 124_439_808
     assert max_logit_difference(ours, hf, tokens(2, 16)) < TOLERANCE
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"bias": False, "qkv_bias": False}])
+def test_hf_shapes_are_those_of_the_model_it_describes(overrides):
+    config = GPTConfig(vocab_size=100, context_length=16, n_layer=2, n_head=2, n_embd=16, **overrides)
+    model = GPT(config)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        hf = name.replace("blocks.", "h.", 1)
+        transposed = hf.startswith("h.") and hf.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+        expected[hf] = tuple(tensor.shape[::-1] if transposed else tensor.shape)
+    assert hf_shapes(config) == expected
+
+
+def refuse_to_build(monkeypatch):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a GPT was built")
+
+    monkeypatch.setattr(GPT, "__init__", no_model)
+
+
+def test_more_layers_than_blocks_is_refused_before_a_model_is_built(small_hf, tmp_path, monkeypatch):
+    small_hf.save_pretrained(tmp_path, safe_serialization=True)
+    refuse_to_build(monkeypatch)
+    with pytest.raises(ValueError, match="n_layer is 20000 but the weights hold 2 blocks"):
+        import_hf_gpt2(tmp_path, {"n_layer": 20000})
+
+
+def test_absurd_context_is_a_shape_error_naming_the_field(small_state, monkeypatch):
+    refuse_to_build(monkeypatch)
+    with pytest.raises(ValueError, match=r"wpe\.weight: .*the config needs \[1180591620717411303424, 64\] "
+                                         r"\(from n_positions and n_embd\)"):
+        import_hf_gpt2(small_state, {"n_head": 4, "n_positions": 2**70})
+
+
+def test_integer_weights_are_refused(small_state, tmp_path):
+    small_state["transformer.h.0.ln_1.bias"] = torch.zeros(64, dtype=torch.int32)
+    save_file({k: v.contiguous() for k, v in small_state.items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 4}))
+    with pytest.raises(ValueError, match=r"h\.0\.ln_1\.bias: the tensor is not floating point"):
+        import_hf_gpt2(tmp_path)
