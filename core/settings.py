@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker; default: a folder in the data dir")
     training_queue: str = "gpu"
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
+    max_record_corpus_bytes: int = Field(256 * 1024**2, gt=0, description="the largest classification or "
+                                         "instruction corpus: checked at upload and trained on whole, in memory")
     api_keys_required: bool = Field(True, description="false: no keys, for one user on this machine only (what "
                                                       "`scratchllm up` on a loopback address sets)")
     max_request_bytes: int = Field(1024**2, gt=0, description="the largest request body but an upload's")

@@ -32,7 +32,7 @@ async def upload_corpus(request: Request, database: DatabaseDep, settings: Setti
 
     def keep() -> Corpus:
         with database.session() as session:
-            return corpora.keep_upload(session, settings.storage, upload, staging)
+            return corpora.keep_upload(session, settings.storage, upload, staging, settings.max_record_corpus_bytes)
 
     return await run_in_threadpool(keep)
 

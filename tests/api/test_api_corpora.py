@@ -84,6 +84,18 @@ def test_oversized_upload_is_413_and_leaves_nothing(api, tmp_path):
     assert list((tmp_path / "data" / "corpora" / ".staging").iterdir()) == []
 
 
+def test_a_record_corpus_past_its_limit_is_refused_before_it_is_read(api, tmp_path, monkeypatch):
+    import app.corpus_files
+
+    monkeypatch.setattr(app.corpus_files, "read_classification_file", None)  # never reached
+    limit = api.app.state.services.settings.max_record_corpus_bytes = 1000
+    rows = b"ham\thello there\n" * 100
+    assert_error(upload(api, rows, "sms.tsv", "classification"), 422, f"{limit:,} bytes", param="file")
+    assert_error(upload(api, b"[]" + b" " * limit, "i.json", "instruction"), 422, "max_record_corpus_bytes")
+    assert upload(api, rows, "big.txt", "text").status_code == 201  # a text corpus is checked line by line
+    assert list((tmp_path / "data" / "corpora" / ".staging").iterdir()) == []
+
+
 def test_requests_that_are_not_uploads(api):
     assert_error(api.post("/v1/corpora", json={"kind": "text"}), 415, "multipart/form-data")
     assert_error(api.post("/v1/corpora", data={"kind": "text"}, files={"other": ("a.txt", b"x")}), 422, "'file'")
