@@ -122,6 +122,7 @@ def api(args: argparse.Namespace) -> None:
     settings = settings_from_environment()
     _refuse_open_mode_off_loopback(settings, args.host)
     if args.migrate:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)  # where the embedded database goes
         upgrade(settings.sqlalchemy_url)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, limit_concurrency=settings.max_connections)
 

@@ -1,12 +1,16 @@
 """The Trainer's callback that writes a job's progress, metrics, events and checkpoints to the database."""
 
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs
 from core.checkpoints import register_checkpoint
@@ -16,6 +20,27 @@ from core.tables import JobEvent, Metric
 from model import Callback, TrainProgress, read_metadata
 
 WRITE_INTERVAL_S = 0.5  # progress and metrics are written at most this often, and always at checkpoints
+DATABASE_RETRY_S = 60.0  # a write waits this long for a database that went away (a restart, a failover)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def retrying(write: Callable[[], T], what: str) -> T:
+    """Run a write in its own transaction, again while the database is unreachable, up to DATABASE_RETRY_S.
+    A write that failed rolled back whole; the lease it renews is judged by the database's clock, so an outage
+    longer than the heartbeat timeout ends with the lease lost, as for a silent worker."""
+    deadline, delay = time.monotonic() + DATABASE_RETRY_S, 0.2
+    while True:
+        try:
+            return write()
+        except DBAPIError as e:
+            if not (isinstance(e, OperationalError) or e.connection_invalidated) or time.monotonic() >= deadline:
+                raise
+            log.warning("%s failed, the database is unreachable: trying again in %.1f s (%s)", what, delay,
+                        str(e.orig or e).strip().splitlines()[0])
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 class StopReason(StrEnum):
@@ -53,15 +78,19 @@ class JobReporter(Callback):
         lease = jobs.heartbeat(session, self.job_id, self.owner, **progress)
         if self.pending_metrics and lease != jobs.Lease.LOST:
             self._insert_ignoring_duplicates(session, self.pending_metrics)
-        self.pending_metrics = []
         self.stop_reason = STOP_REASONS.get(lease, self.stop_reason)
         return lease
 
     def flush(self) -> None:
         """Write the latest progress and the buffered metrics; learn whether the job was cancelled or lost."""
         self.last_write = time.monotonic()
-        with self.database.session() as session:
-            self._report(session)
+
+        def write() -> None:
+            with self.database.session() as session:
+                self._report(session)
+            self.pending_metrics = []  # once committed: a write that failed is tried again with them
+
+        retrying(write, f"progress of job {self.job_id}")
 
     def _due(self) -> bool:
         return time.monotonic() - self.last_write >= WRITE_INTERVAL_S
@@ -85,13 +114,20 @@ class JobReporter(Callback):
         return self.stop_reason != StopReason.LEASE_LOST
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        with self.database.session() as session:
-            # the lease renewed in the transaction that registers: no row outlives a lost lease
-            held = self._report(session) != jobs.Lease.LOST
-            if held:
-                checkpoint = register_checkpoint(session, self.storage, path, read_metadata(path), job_id=self.job_id)
-                session.add(JobEvent(job_id=self.job_id, type="checkpoint", message=f"checkpoint at step {step}",
-                                     data={"checkpoint_id": checkpoint.id, "step": step, "metrics": dict(metrics)}))
+        def register() -> bool:
+            with self.database.session() as session:
+                # the lease renewed in the transaction that registers: no row outlives a lost lease
+                held = self._report(session) != jobs.Lease.LOST
+                if held:
+                    checkpoint = register_checkpoint(session, self.storage, path, read_metadata(path),
+                                                     job_id=self.job_id)
+                    session.add(JobEvent(job_id=self.job_id, type="checkpoint", message=f"checkpoint at step {step}",
+                                         data={"checkpoint_id": checkpoint.id, "step": step,
+                                               "metrics": dict(metrics)}))
+            self.pending_metrics = []
+            return held
+
+        held = retrying(register, f"checkpoint of job {self.job_id} at step {step}")
         if not held:  # lost while the directory was written: its files are no one's
             shutil.rmtree(path, ignore_errors=True)
 
@@ -101,5 +137,8 @@ class JobReporter(Callback):
         return self.stop_reason is not None
 
     def event(self, type_: str, message: str, data: dict | None = None, level: str = "info") -> None:
-        with self.database.session() as session:
-            session.add(JobEvent(job_id=self.job_id, type=type_, level=level, message=message, data=data))
+        def write() -> None:
+            with self.database.session() as session:
+                session.add(JobEvent(job_id=self.job_id, type=type_, level=level, message=message, data=data))
+
+        retrying(write, f"event of job {self.job_id}")

@@ -16,7 +16,7 @@ from core.tables import Checkpoint, Corpus, Job
 from model import Trainer, has_training_state, load_checkpoint
 from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
-from worker.reporting import JobReporter, StopReason
+from worker.reporting import JobReporter, StopReason, retrying
 from worker.training import plan_job
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ def _resume_point(session, job_id: str, settings: Settings) -> Checkpoint | None
 
 
 def _finish(database: Database, job_id: str, owner: str, status: JobStatus, message: str, **details) -> None:
-    with database.session() as session:
-        jobs.finish(session, job_id, owner, status, message, **details)
+    def write() -> None:
+        with database.session() as session:
+            jobs.finish(session, job_id, owner, status, message, **details)
+
+    retrying(write, f"the end of job {job_id}")
 
 
 def run(settings: Settings, job_id: str, owner: str) -> None:

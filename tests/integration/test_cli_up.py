@@ -97,3 +97,34 @@ def test_up_keeps_keys_required_when_the_env_file_says_so(tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
+
+
+def test_the_api_serves_at_most_max_connections_at_once(tmp_path):
+    import socket
+
+    port = 16000 + os.getpid() % 1000
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRATCHLLM_")}
+    env.update(SCRATCHLLM_DATA_DIR=str(tmp_path / "data"), SCRATCHLLM_MAX_CONNECTIONS="2")
+    api = subprocess.Popen([sys.executable, "-m", "scratchllm", "api", "--port", str(port), "--migrate"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    livez = f"http://127.0.0.1:{port}/livez"
+    try:
+        deadline = time.monotonic() + 60
+        while status_of_or_none(livez) != 200:
+            assert time.monotonic() < deadline and api.poll() is None, "the API did not come up"
+            time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port)):  # an idle connection holds its place
+            time.sleep(0.3)
+            assert status_of(livez) == 503
+        time.sleep(0.3)
+        assert status_of(livez) == 200
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
+def status_of_or_none(url: str) -> int | None:
+    try:
+        return status_of(url)
+    except OSError:
+        return None
