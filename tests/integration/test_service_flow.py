@@ -264,10 +264,12 @@ def checkpoint_paths(settings: Settings, job_id: str) -> set[str]:
     return paths
 
 
+# killed once is run in both setups above; these two, each in one, keep the layer within its time
+@pytest.mark.parametrize("service", ["postgresql+redis"], indirect=True)
 def test_a_job_resumes_after_its_worker_is_killed_twice_and_records_everything_once(service, shared_data):
     worker = service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=40, checkpoint_interval=5, eval_interval=0))
+    job = service.submit(**pretrain_request(verdict, max_steps=24, checkpoint_interval=5, eval_interval=0))
 
     def kill_on(worker: subprocess.Popen, attempt: int, step: int) -> subprocess.Popen:
         service.wait_for(job["id"], lambda j: j["attempts"] == attempt and j["progress"]["step"] >= step)
@@ -278,15 +280,16 @@ def test_a_job_resumes_after_its_worker_is_killed_twice_and_records_everything_o
     kill_on(worker, 2, 12)  # past the checkpoint at step 10, after resuming from step 5
     done = service.wait_until_done(job["id"])
     assert done["status"] == "succeeded" and done["attempts"] == 3
-    assert metric_rows(service.settings, job["id"], "train_loss") == 40
+    assert metric_rows(service.settings, job["id"], "train_loss") == 24
     # each checkpoint row has its directory, each directory its row (a SIGKILL may leave a hidden staging folder)
     storage = service.settings.storage
     directories = {storage.relative(d) for d in storage.job_checkpoints_dir(job["id"]).iterdir()
                    if not d.name.startswith(".")}
     assert checkpoint_paths(service.settings, job["id"]) == directories
-    assert sorted(int(d.rsplit("-", 1)[1]) for d in directories) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert sorted(int(d.rsplit("-", 1)[1]) for d in directories) == [5, 10, 15, 20, 24]
 
 
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
 @pytest.mark.parametrize("service_env", [{"SCRATCHLLM_MAX_ATTEMPTS": "2"}], ids=["max_attempts=2"])
 def test_a_job_whose_worker_dies_on_every_attempt_fails_at_the_attempt_cap(service, shared_data):
     first = service.start_worker()
