@@ -230,9 +230,15 @@ def encode_classification(texts: list[str], tokenizer: Tokenizer, max_length: in
     L is max_length when given (longer texts are cut to it, as the book's SpamDataset does), else the
     longest text. Special-token text is encoded as plain text: data should not inject control tokens.
     The classifier reads position lengths - 1, so every text must keep at least one token."""
+    return pad_token_ids(tokenizer.encode_batch(texts, allow_special=False), max_length, pad_id)
+
+
+def pad_token_ids(encoded: list[list[int]], max_length: int | None = None,
+                  pad_id: int = 50256) -> tuple[Tensor, Tensor]:
+    """encode_classification for texts already encoded."""
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    encoded = [ids[:max_length] for ids in tokenizer.encode_batch(texts, allow_special=False)]
+    encoded = [ids[:max_length] for ids in encoded]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"text {i} encodes to no tokens")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from core.enums import CheckpointTask
-from model import SamplingParams, StreamEvent, encode_classification
+from model import SamplingParams, StreamEvent
+from model.classification_data import pad_token_ids
 from serving.deployments import DeploymentManager, Loaded
 from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
@@ -218,8 +219,7 @@ class EngineClient:
                 too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
                 if too_long is not None and not truncate:
                     raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)
-                ids, lengths = encode_classification(texts, loaded.tokenizer, max_length=context,
-                                                    pad_id=loaded.tokenizer.eot_id)
+                ids, lengths = pad_token_ids(encoded, max_length=context, pad_id=loaded.tokenizer.eot_id)
                 probabilities = loaded.model.predict_proba(ids[:, : int(lengths.max())], lengths)
                 return Classified(probabilities, loaded.meta["label_names"],
                                   sum(min(len(i), context) for i in encoded))

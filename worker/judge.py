@@ -1,13 +1,13 @@
 """Rating instruction responses with any OpenAI-compatible chat endpoint (the book's LLM-as-judge)."""
 
 import contextlib
-import json
 from collections.abc import Sequence
 
 import httpx
 
 from core.outbound import RefusedURL, destination
 from model.evaluation import judge_prompt, parse_judge_score
+from model.json_text import parse_json
 
 REPLY_TOKENS = 32  # "85" is the answer asked for; chatty judges get room for a short sentence around it
 MAX_ANSWER_BYTES = 64 * 1024  # a chat completion of REPLY_TOKENS tokens takes well under 1 KiB
@@ -64,7 +64,7 @@ class Judge:
 
     def _reply(self, content: bytes) -> str:
         with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-            reply = json.loads(content)["choices"][0]["message"]["content"] or ""
+            reply = parse_json(content)["choices"][0]["message"]["content"] or ""
             if isinstance(reply, str):
                 return reply
         raise JudgeError(f"the judge at {self.url} did not answer with a chat completion")

@@ -62,6 +62,7 @@ def test_a_long_reply_is_kept_in_part():
     (200, b'{"SECRET": "not a completion"}', "did not answer with a chat completion"),
     (200, b"SECRET, not JSON", "did not answer with a chat completion"),
     (200, b'{"choices": [{"message": {"content": {"SECRET": 1}}}]}', "did not answer with a chat completion"),
+    (200, b"[" * 50_000 + b'"SECRET"', "did not answer with a chat completion"),  # past the recursion limit
 ])
 def test_an_error_names_the_failure_and_never_quotes_the_answer(status, body, words):
     with recording_server(body, status) as (url, _), pytest.raises(JudgeError) as failure:
