@@ -17,6 +17,8 @@ from model.classification_data import (
     DataFormatError,
     balance_classes,
     encode_classification,
+    iter_classification_file,
+    label_order,
     read_classification_file,
     split_dataset,
 )
@@ -48,6 +50,7 @@ from model.instruction_data import (
     format_chat,
     format_prompt,
     format_response,
+    iter_instruction_file,
     read_instruction_file,
 )
 from model.kv_cache import KVCache
@@ -70,7 +73,8 @@ __all__ = [
     "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "has_training_state",
     "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",
     "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
-    "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "read_metadata",
+    "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "iter_classification_file",
+    "iter_instruction_file", "label_order", "read_metadata",
     "save_checkpoint", "split_dataset", "split_tokens", "stream_generate", "tokenize_to_memmap",
     "tokenizer_from_spec", "get_tokenizer", "train_bpe",
 ]

@@ -11,10 +11,10 @@ Formats, chosen by the file's extension:
 """
 
 import csv
-import io
+import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from torch import Tensor
 
 from model.json_text import parse_json
 from model.tokenizer import Tokenizer
+
+MAX_LABELS = 1024  # a classifier's head has one output per label
 
 
 class DataFormatError(ValueError):
@@ -39,16 +41,17 @@ class DataFormatError(ValueError):
         return type(self), (self.path, self.problem, self.line, self.where)
 
 
-def read_utf8(path: str | Path) -> str:
-    """The text of a UTF-8 file (a leading byte-order mark dropped), or a DataFormatError naming the line
-    of the first byte that is not UTF-8."""
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        problem = f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
-        raise DataFormatError(path, problem, line) from None
+def utf8_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 file one at a time, each with its line ending (a leading byte-order mark
+    dropped), or a DataFormatError naming the line of the first byte that is not UTF-8. Lines end at \\n
+    only: form feeds and U+2028 belong to the text."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                                      line) from None
 
 
 @dataclass
@@ -65,17 +68,10 @@ class ClassificationData:
                                   list(self.label_names))
 
 
-def _label_order(names: set[str]) -> list[str]:
-    """Sorted label names, numerically when all are integers so that "2" comes before "10"."""
-    if all(re.fullmatch(r"-?[0-9]+", name) for name in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def _csv_rows(path: Path, text: str, delimiter: str, quoting: int,
+def _csv_rows(path: Path, lines: Iterable[str], delimiter: str, quoting: int,
               text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
     """(line, text, label) of each data row of a delimited file with a header."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
     try:
         header = next(reader, [])
         columns = {name.strip(): i for i, name in enumerate(header)}
@@ -94,37 +90,33 @@ def _csv_rows(path: Path, text: str, delimiter: str, quoting: int,
         raise DataFormatError(path, f"bad CSV: {e}", reader.line_num) from None
 
 
-def _lines(text: str) -> list[str]:
-    """Lines split at \\n only: str.splitlines would also split at form feeds and U+2028, which a
-    text or a JSON string may hold."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
-
-
-def _headerless_tsv_rows(path: Path, text: str) -> Iterator[tuple[int, str, str]]:
+def _headerless_tsv_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, str, str]]:
     """(line, text, label) of each `label<TAB>text` row, UCI SMSSpamCollection's form."""
-    for line, row in enumerate(_lines(text), start=1):
+    for line, row in enumerate(lines, start=1):
         if row.strip():
-            label, tab, body = row.partition("\t")
+            label, tab, body = row.removesuffix("\n").removesuffix("\r").partition("\t")
             if not tab:
                 raise DataFormatError(path, "no tab: expected label<TAB>text", line)
             yield line, body, label
 
 
-def _tsv_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
-    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
+def _tsv_rows(path: Path, lines: Iterator[str], text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    first_line = next(lines, "")
+    lines = itertools.chain([first_line], lines)
+    first = first_line.rstrip("\r\n").split("\t")
     names = {name.strip() for name in first}
     if text_field in names and label_field in names:
-        return _csv_rows(path, text, "\t", csv.QUOTE_NONE, text_field, label_field)
+        return _csv_rows(path, lines, "\t", csv.QUOTE_NONE, text_field, label_field)
     if len(first) == 2:
-        return _headerless_tsv_rows(path, text)
+        return _headerless_tsv_rows(path, lines)
     raise DataFormatError(path, f"expected a header with {text_field!r} and {label_field!r} columns, or "
                                 "label<TAB>text rows", 1)
 
 
-def jsonl_values(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of every non-blank line of a JSONL text; DataFormatError names the line
+def jsonl_values(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; DataFormatError names the line
     that is not JSON."""
-    for line, row in enumerate(_lines(text), start=1):
+    for line, row in enumerate(lines, start=1):
         if not row.strip():
             continue
         try:
@@ -133,8 +125,8 @@ def jsonl_values(path: Path, text: str) -> Iterator[tuple[int, object]]:
             raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line) from None
 
 
-def _jsonl_rows(path: Path, text: str, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
-    for line, record in jsonl_values(path, text):
+def _jsonl_rows(path: Path, lines: Iterable[str], text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
+    for line, record in jsonl_values(path, lines):
         if not isinstance(record, dict):
             raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line)
         for field in (text_field, label_field):
@@ -149,25 +141,24 @@ def _jsonl_rows(path: Path, text: str, text_field: str, label_field: str) -> Ite
         yield line, body, str(label)
 
 
-def read_classification_file(path: str | Path, text_field: str = "text", label_field: str = "label",
-                             label_names: list[str] | None = None) -> ClassificationData:
-    """Texts and integer labels of a CSV, TSV or JSONL file (see the module docstring).
-
-    Label i is label_names[i]; without label_names they are the file's distinct labels, sorted. Labels
-    are compared as strings after stripping surrounding whitespace; texts are kept as they are but must
-    not be blank."""
+def iter_classification_file(path: str | Path, text_field: str = "text", label_field: str = "label",
+                             label_names: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(text, label name) of each row of a CSV, TSV or JSONL file (see the module docstring), read one
+    line at a time. Labels are compared as strings after stripping surrounding whitespace; texts are kept
+    as they are but must not be blank. With label_names, every label must be one of them; without, the
+    file may hold at most MAX_LABELS distinct labels."""
     path = Path(path)
-    text = read_utf8(path)
+    lines = utf8_lines(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = _csv_rows(path, text, ",", csv.QUOTE_MINIMAL, text_field, label_field)
+        rows = _csv_rows(path, lines, ",", csv.QUOTE_MINIMAL, text_field, label_field)
     elif suffix in (".tsv", ".tab", ".txt", ""):
-        rows = _tsv_rows(path, text, text_field, label_field)
+        rows = _tsv_rows(path, lines, text_field, label_field)
     elif suffix in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path, text, text_field, label_field)
+        rows = _jsonl_rows(path, lines, text_field, label_field)
     else:
         raise DataFormatError(path, f"unknown extension {suffix!r}: expected .csv, .tsv or .jsonl")
-    texts, raw_labels = [], []
+    seen: set[str] = set()
     for line, body, label in rows:
         if not body.strip():
             raise DataFormatError(path, "empty text", line)
@@ -176,11 +167,32 @@ def read_classification_file(path: str | Path, text_field: str = "text", label_f
             raise DataFormatError(path, "empty label", line)
         if label_names is not None and label not in label_names:
             raise DataFormatError(path, f"label {label!r} is not one of {label_names}", line)
+        if label not in seen:
+            if len(seen) == MAX_LABELS:
+                raise DataFormatError(path, f"more than {MAX_LABELS} distinct labels", line)
+            seen.add(label)
+        yield body, label
+
+
+def label_order(path: str | Path, names: set[str]) -> list[str]:
+    """The labels a file's rows hold, as the classifier numbers them: sorted, numerically when all are
+    integers so that "2" comes before "10"; DataFormatError when there are fewer than two."""
+    if len(names) < 2:
+        raise DataFormatError(path, f"a classifier needs at least two labels, found {sorted(names)}")
+    if all(re.fullmatch(r"-?[0-9]+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def read_classification_file(path: str | Path, text_field: str = "text", label_field: str = "label",
+                             label_names: list[str] | None = None) -> ClassificationData:
+    """Texts and integer labels of a CSV, TSV or JSONL file (iter_classification_file's rows): label i is
+    label_names[i], or without label_names the i-th of the file's labels in label_order."""
+    texts, raw_labels = [], []
+    for body, label in iter_classification_file(path, text_field, label_field, label_names):
         texts.append(body)
         raw_labels.append(label)
-    names = list(label_names) if label_names is not None else _label_order(set(raw_labels))
-    if len(names) < 2:
-        raise DataFormatError(path, f"a classifier needs at least two labels, found {names}")
+    names = list(label_names) if label_names is not None else label_order(path, set(raw_labels))
     index = {name: i for i, name in enumerate(names)}
     return ClassificationData(texts, [index[label] for label in raw_labels], names)
 

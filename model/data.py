@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, text_parts
 
 
 @dataclass(frozen=True)
@@ -40,35 +40,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _word_start(text: str) -> int:
-    """Index of the last space that follows a non-space character, or 0 when there is none.
-
-    Cutting there never changes the tokens: GPT-2-style pre-tokenizers end every letter, digit and
-    punctuation run at whitespace and never look behind, so the pre-token before the cut ends exactly at
-    it, and the one starting with the space is matched from the same position either way. A cut after
-    whitespace would not be safe ("\\n\\n" followed by text is two pre-tokens, at the end of a chunk one)."""
-    cut = text.rfind(" ")
-    while cut > 0 and text[cut - 1].isspace():
-        cut = text.rfind(" ", 0, cut)
-    return max(cut, 0)
-
-
-def _text_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
-    """Consecutive pieces of the file, about chunk_chars characters each, cut only where `_word_start`
-    allows, so that encoding them one by one gives the tokens of the whole file."""
-    carry = ""
+def _file_pieces(path: Path, chunk_chars: int) -> Iterator[str]:
     # newline="" keeps the file's own line endings: the tokens are those of its exact text.
     with open(path, encoding="utf-8", newline="") as f:
         while piece := f.read(chunk_chars):
-            text = carry + piece
-            cut = _word_start(text)
-            if cut == 0:  # no safe cut yet (one very long word or run of whitespace): read on
-                carry = text
-                continue
-            yield text[:cut]
-            carry = text[cut:]
-    if carry:
-        yield carry
+            yield piece
 
 
 def tokenize_to_memmap(text_source: str | Path, tokenizer: Tokenizer, out_path: str | Path,
@@ -86,7 +62,7 @@ def tokenize_to_memmap(text_source: str | Path, tokenizer: Tokenizer, out_path: 
     dtype = token_dtype(tokenizer.vocab_size)
     n_tokens = 0
     with open(out_path, "wb") as out:
-        for chunk in _text_chunks(Path(text_source), chunk_chars):
+        for chunk in text_parts(_file_pieces(Path(text_source), chunk_chars), chunk_chars):
             ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
             ids.tofile(out)
             n_tokens += len(ids)

@@ -1,20 +1,22 @@
 """Instruction finetuning data (the book's chapter 7): Alpaca records, the Alpaca prompt template, and
 the book's collate function that pads, shifts and masks a batch."""
 
-import json
+import codecs
+from collections.abc import Iterator
 from pathlib import Path
 
+import ijson
 import torch
 from torch import Tensor
 
-from model.classification_data import DataFormatError, jsonl_values, read_utf8
-from model.json_text import parse_json
+from model.classification_data import DataFormatError, jsonl_values, utf8_lines
 from model.tokenizer import Tokenizer
 
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 PROMPT_FORMAT = "alpaca"  # the name a checkpoint trained on these prompts records as its prompt format
 NEXT_SECTION = "\n\n###"  # where a generated response ends: the model goes on to another section
+MAX_DEPTH = 16  # a record is an object of strings: anything nested deeper is refused before it is built
 
 
 def _check_record(path: Path, record, number: int, where: str) -> dict:
@@ -33,27 +35,69 @@ def _check_record(path: Path, record, number: int, where: str) -> dict:
     return record
 
 
-def _json_records(path: Path, text: str) -> list[dict]:
-    try:
-        records = parse_json(text)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", e.lineno) from None
-    if not isinstance(records, list):
-        raise DataFormatError(path, f"expected a JSON list of records, got {type(records).__name__}")
-    return [_check_record(path, r, i, "record") for i, r in enumerate(records, start=1)]
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace or a byte-order mark; b"" when there is none."""
+    with open(path, "rb") as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            f.seek(0)
+        while chunk := f.read(1 << 16):
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+    return b""
 
 
-def _jsonl_records(path: Path, text: str) -> list[dict]:
-    return [_check_record(path, record, line, "line") for line, record in jsonl_values(path, text)]
+def _json_list_values(path: Path) -> Iterator[tuple[int, object]]:
+    """(record number, value) of each element of a file holding one JSON list, parsed one element at a
+    time; DataFormatError names the record where the JSON breaks or nests deeper than MAX_DEPTH."""
+    number = 0
+    with open(path, "rb") as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            f.seek(0)
+        events = ijson.basic_parse(f, use_float=True)
+        try:
+            if next(events, ("", None))[0] != "start_array":
+                raise DataFormatError(path, "expected a JSON list of records")
+            depth, builder = 0, ijson.ObjectBuilder()
+            for event, value in events:
+                if depth == 0 and event == "end_array":
+                    continue  # the list's own end: the parser raises on anything after it
+                builder.event(event, value)
+                depth += (event in ("start_map", "start_array")) - (event in ("end_map", "end_array"))
+                if depth > MAX_DEPTH:
+                    raise DataFormatError(path, f"nested too deeply (past {MAX_DEPTH} levels)", number + 1, "record")
+                if depth == 0:
+                    number += 1
+                    yield number, builder.value
+                    builder = ijson.ObjectBuilder()
+        except ijson.JSONError as e:
+            raise DataFormatError(path, f"bad JSON: {_parser_problem(e)}", number + 1, "record") from None
+
+
+def _parser_problem(error: Exception) -> str:
+    """The first line of the parser's message: the lines after it quote the file."""
+    message = error.args[0] if error.args else ""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return str(message).split("\n", 1)[0].strip()
+
+
+def iter_instruction_file(path: str | Path) -> Iterator[dict]:
+    """The Alpaca records {instruction, input, output} of a JSON list or a JSONL file (told apart by the
+    first character: "[" opens a list), read one record at a time. "input" may be missing and defaults to
+    ""; other fields are kept. Problems raise DataFormatError naming the record (JSON list) or the line
+    (JSONL)."""
+    path = Path(path)
+    if _first_byte(path) == b"[":
+        values, where = _json_list_values(path), "record"
+    else:
+        values, where = jsonl_values(path, utf8_lines(path)), "line"
+    for number, record in values:
+        yield _check_record(path, record, number, where)
 
 
 def read_instruction_file(path: str | Path) -> list[dict]:
-    """Alpaca records {instruction, input, output} from a JSON list or a JSONL file (told apart by the
-    first character: "[" opens a list). "input" may be missing and defaults to ""; other fields are kept.
-    Problems raise DataFormatError naming the record (JSON list) or the line (JSONL)."""
-    path = Path(path)
-    text = read_utf8(path)
-    records = _json_records(path, text) if text.lstrip().startswith("[") else _jsonl_records(path, text)
+    """All of iter_instruction_file's records; DataFormatError when there are none."""
+    records = list(iter_instruction_file(path))
     if not records:
         raise DataFormatError(path, "no records")
     return records

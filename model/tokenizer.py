@@ -16,6 +16,7 @@ import binascii
 import copy
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import regex
@@ -26,6 +27,9 @@ ENDOFTEXT = "<|endoftext|>"
 # token spans a letter/digit/punctuation boundary and each word's leading space stays with it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _BPE_KEYS = ("type", "pattern", "ranks", "special_tokens")
+COUNT_PART_CHARS = 1 << 18  # count_tokens encodes about this much text at once: an id costs ~36 B
+_WORD_START = regex.compile(r"(?<=\S) ")  # where text_parts may cut
+_LAST_WORD_START = regex.compile(r"(?r)(?<=\S) ")  # the same, searched right to left
 
 
 class Tokenizer:
@@ -51,6 +55,13 @@ class Tokenizer:
             return self.encoding.encode_batch(texts, allowed_special="all")
         return self.encoding.encode_batch(texts, disallowed_special=())
 
+    def count_tokens(self, pieces: Iterable[str]) -> int:
+        """The number of tokens (special-token text counted as plain text) of the text the pieces make up,
+        holding at most 4 x COUNT_PART_CHARS of it at a time (text_parts): exact but for the rare part cut
+        where no space allowed it."""
+        parts = text_parts(pieces, COUNT_PART_CHARS, max_part_chars=4 * COUNT_PART_CHARS)
+        return sum(len(self.encode(part, allow_special=False)) for part in parts)
+
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
 
@@ -60,6 +71,37 @@ class Tokenizer:
     def spec(self) -> dict:
         # A deep copy: a caller editing the returned ranks must not change what this tokenizer saves.
         return copy.deepcopy(self._spec)
+
+
+def text_parts(pieces: Iterable[str], part_chars: int, max_part_chars: int | None = None) -> Iterator[str]:
+    """The text the pieces make up, in consecutive parts of about part_chars characters, each cut just
+    before a space that follows a non-space character. Cutting there never changes the tokens: GPT-2-style
+    pre-tokenizers end every letter, digit and punctuation run at whitespace and never look behind, so the
+    pre-token before the cut ends exactly at it, and the one starting with the space is matched from the
+    same position either way (a cut after whitespace would not be safe: "\\n\\n" followed by text is two
+    pre-tokens, at the end of a part one). So encoding the parts one by one gives the tokens of the whole
+    text. While no such space comes, a part grows; past max_part_chars it is cut anyway, and the tokens
+    at that cut may differ."""
+    carry, scanned = "", 0  # scanned: carry up to here holds no cut past the current part
+    for piece in pieces:
+        carry += piece
+        start = 0
+        while len(carry) - start > part_chars:
+            window_end = start + part_chars + 1
+            space = (_LAST_WORD_START.search(carry, start + 1, window_end)
+                     or _WORD_START.search(carry, max(window_end, scanned)))
+            if space:
+                cut = space.start()
+            elif max_part_chars is not None and len(carry) - start > max_part_chars:
+                cut = start + max_part_chars
+            else:  # one very long word or run of whitespace: read on
+                scanned = len(carry)
+                break
+            yield carry[start:cut]
+            start = cut
+        carry, scanned = carry[start:], max(scanned - start, 0)
+    if carry:
+        yield carry
 
 
 def gpt2_tokenizer() -> Tokenizer:

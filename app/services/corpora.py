@@ -19,15 +19,15 @@ MAX_NAME_CHARS = 200
 
 def keep_upload(session: Session, storage: DataDir, upload: Upload, staging: Path, max_record_bytes: int) -> Corpus:
     """Check the file received at staging as a corpus of the kind its form names and keep it; Invalid names
-    the problem. The staging file is gone afterwards, kept or not. A text corpus is checked line by line;
-    records are read whole, so their files are held to max_record_bytes."""
+    the problem. The staging file is gone afterwards, kept or not. The file is checked a block or a record at a time;
+    jobs read a file of records whole, so those files are held to max_record_bytes."""
     try:
         kind = upload.fields.get("kind")
         if kind not in tuple(CorpusKind):
             raise Invalid(f"kind must be one of {', '.join(CorpusKind)}, got {kind!r}", param="kind")
         if kind != CorpusKind.TEXT and upload.size > max_record_bytes:
-            raise Invalid(f"a {kind} corpus is read whole, in memory: at most {max_record_bytes:,} bytes "
-                          f"(max_record_corpus_bytes), not {upload.size:,}", param="file")
+            raise Invalid(f"a {kind} corpus is read whole by the jobs that train on it: at most "
+                          f"{max_record_bytes:,} bytes (max_record_corpus_bytes), not {upload.size:,}", param="file")
         name = upload.fields.get("name") or upload.filename or "corpus"
         if len(name) > MAX_NAME_CHARS:
             raise Invalid(f"name is longer than {MAX_NAME_CHARS} characters", param="name")

@@ -68,6 +68,10 @@ def test_delete_removes_row_and_file(api, tmp_path):
     (b"text,label\nonly,one\nsame,one\n", "c.csv", "classification", 422, ("two labels",)),
     (b'[{"instruction": "a", "output": "b"}, {"output": "c"}]', "i.json", "instruction", 422,
      ("record 2", "instruction")),
+    (b"[" * 100_000, "i.json", "instruction", 422, ("record 1", "nested too deeply")),
+    (b'[{"instruction": "a", "output": "b"} oops', "i.json", "instruction", 422, ("record 2", "bad JSON")),
+    ("".join(f"{i}\tt\n" for i in range(2000)).encode(), "many.tsv", "classification", 422,
+     ("line 1025", "more than 1024 distinct labels")),
     (b"a,b\n", "data.bin", "classification", 422, ("csv or tsv or jsonl", "'bin'")),
     (b"hello", "a.txt", "poetry", 422, ("kind must be one of",)),
 ])
@@ -87,7 +91,7 @@ def test_oversized_upload_is_413_and_leaves_nothing(api, tmp_path):
 def test_a_record_corpus_past_its_limit_is_refused_before_it_is_read(api, tmp_path, monkeypatch):
     import app.corpus_files
 
-    monkeypatch.setattr(app.corpus_files, "read_classification_file", None)  # never reached
+    monkeypatch.setattr(app.corpus_files, "iter_classification_file", None)  # never reached
     limit = api.app.state.services.settings.max_record_corpus_bytes = 1000
     rows = b"ham\thello there\n" * 100
     assert_error(upload(api, rows, "sms.tsv", "classification"), 422, f"{limit:,} bytes", param="file")

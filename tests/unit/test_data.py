@@ -1,3 +1,4 @@
+import codecs
 import json
 import pickle
 
@@ -8,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.classification_data import (
+    MAX_LABELS,
     ClassificationData,
     DataFormatError,
     balance_classes,
     encode_classification,
+    iter_classification_file,
+    label_order,
     read_classification_file,
     split_dataset,
 )
@@ -31,6 +35,7 @@ from model.instruction_data import (
     format_prompt,
     format_response,
     instruction_collate,
+    iter_instruction_file,
     read_instruction_file,
 )
 from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
@@ -327,6 +332,43 @@ def test_instruction_file_errors_name_record_or_line(tmp_path):
         read_instruction_file(path)
     path.write_text('{"instruction": "a", "output": "b"}\n')
     assert read_instruction_file(path) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[" + b"[" * 100_000, "record 1: nested too deeply \\(past 16 levels\\)"),
+    (b'[{"instruction": "a", "output": "b"}, {"instruction": x}]', "record 2: bad JSON: lexical error"),
+    (b'[{"instruction": "a", "output": "b"}] [1]', "record 2: bad JSON: parse error: trailing garbage"),
+    (b'[{"instruction": "a", "output": "\xff"}]', "record 1: bad JSON: lexical error: invalid bytes in UTF8"),
+    (b'[{"instruction": "a", "output": "b"}', "record 2: bad JSON: parse error: premature EOF"),
+    (b"[]", "no records"),
+    (b"\n \n", "no records"),
+])
+def test_a_json_list_is_read_one_record_at_a_time(tmp_path, content, message):
+    path = tmp_path / "d.json"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message) as caught:
+        read_instruction_file(path)
+    assert "right here" not in str(caught.value) and "\n" not in caught.value.problem  # no quote of the file
+
+
+def test_a_json_list_with_a_byte_order_mark_and_deep_but_allowed_fields(tmp_path):
+    path = tmp_path / "d.json"
+    record = {"instruction": "a", "output": "b", "meta": [[[{"k": [1.5, None, True]}]]]}
+    path.write_bytes(codecs.BOM_UTF8 + b"  \n" + json.dumps([record, record]).encode())
+    assert read_instruction_file(path) == [{"input": "", **record}] * 2
+    assert [r["instruction"] for r in iter_instruction_file(path)] == ["a", "a"]
+
+
+def test_classification_rows_stream_and_labels_are_bounded(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("".join(f"label{i}\ttext {i}\n" for i in range(MAX_LABELS + 1)))
+    rows = iter_classification_file(path)
+    assert next(rows) == ("text 0", "label0")  # read lazily: the bad last line is not reached yet
+    with pytest.raises(DataFormatError, match=f"line {MAX_LABELS + 1}: more than {MAX_LABELS} distinct labels"):
+        list(rows)
+    with pytest.raises(DataFormatError, match="at least two labels, found \\['x'\\]"):
+        label_order(path, {"x"})
+    assert label_order(path, {"10", "2", "-1"}) == ["-1", "2", "10"]
 
 
 def test_data_format_error_survives_pickling(tmp_path):

@@ -17,6 +17,7 @@ from model.tokenizer import (
     bpe_tokenizer,
     get_tokenizer,
     gpt2_tokenizer,
+    text_parts,
     tokenizer_from_spec,
 )
 
@@ -196,3 +197,36 @@ def test_bpe_tokenizer_rejects_duplicate_tokens():
     ranks = [bytes([b]) for b in range(256)] + [b"ab", b"ab"]
     with pytest.raises(ValueError, match="duplicates"):
         bpe_tokenizer(ranks, {ENDOFTEXT: 258})
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.sampled_from(list("ab Z9'.,!\n\t\r\u00a0é😀") + ["'s", "<|endoftext|>", "  x"]),
+                       max_size=80),
+       part_chars=st.integers(1, 12))
+def test_text_parts_cut_only_where_the_tokens_stay_the_same(pieces, part_chars):
+    tok = gpt2_tokenizer()
+    text = "".join(pieces)
+    parts = list(text_parts(pieces, part_chars))
+    assert "".join(parts) == text
+    assert [i for part in parts for i in tok.encode(part)] == tok.encode(text)
+
+
+def test_text_parts_cut_a_spaceless_run_only_past_its_bound():
+    assert list(text_parts(["ab cd ef"], 2)) == ["ab", " cd", " ef"]
+    assert list(text_parts(["x" * 20, " y"], 5)) == ["x" * 20, " y"]  # read on until a space comes
+    assert list(text_parts(["x" * 20, " y"], 5, max_part_chars=8)) == ["x" * 8, "x" * 8, "xxxx", " y"]
+
+
+def test_count_tokens_holds_a_bounded_part_of_a_long_text(shared_data, monkeypatch):
+    tok = gpt2_tokenizer()
+    text = verdict(shared_data)
+    monkeypatch.setattr("model.tokenizer.COUNT_PART_CHARS", 64)
+    encoded = []
+    real_encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda part, allow_special: encoded.append(len(part)) or real_encode(
+        part, allow_special))
+    pieces = [text[i:i + 1000] for i in range(0, len(text), 1000)]
+    assert tok.count_tokens(pieces) == len(real_encode(text, allow_special=False)) == 5145
+    assert max(encoded) <= 4 * 64 and len(encoded) > len(text) // (4 * 64)
+    assert tok.count_tokens(["<|endoftext|>"]) == len(real_encode("<|endoftext|>", allow_special=False)) > 1
+    assert tok.count_tokens([]) == tok.count_tokens([""]) == 0
