@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     broker_polling_interval_s: float = Field(0.1, gt=0)
     serving_max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together per deployment")
     max_training_memory_bytes: int = Field(16 * 1024**3, gt=0, description=(
-        "a pretraining job whose estimated memory (weights, gradients, AdamW state, one step's activations) is "
+        "a training job whose estimated memory (weights, gradients, AdamW state, one step's activations) is "
         "larger is refused (422)"))
     max_serving_memory_bytes: int = Field(8 * 1024**3, gt=0, description=(
         "the memory all deployments of an API process may hold together (weights and the KV cache for "

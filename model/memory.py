@@ -4,7 +4,10 @@ The services refuse what does not fit their budget before a model exists, so the
 Weights and the KV cache are exact; training activations are a documented rough estimate.
 """
 
+from dataclasses import replace
+
 from model.config import GPTConfig
+from model.lora import LoRAConfig
 
 FLOAT32_BYTES = 4
 # Activations kept per layer and token for the backward pass, in floats: the two LayerNorm inputs (2C),
@@ -15,38 +18,75 @@ ACTIVATION_FLOATS_PER_LAYER = 16
 LOGIT_COPIES = 2
 
 
-def num_parameters(config: GPTConfig) -> int:
-    """GPT(config).num_parameters(), without building it."""
+def block_parameters(config: GPTConfig) -> int:
+    """The parameters of one transformer block."""
     c, bias = config.n_embd, int(config.bias)
     layer_norm = c * (1 + bias)
     attention = c * 3 * c + 3 * c * int(config.qkv_bias) + c * c + c * bias
     mlp = c * 4 * c + 4 * c * bias + 4 * c * c + c * bias
-    block = 2 * layer_norm + attention + mlp
+    return 2 * layer_norm + attention + mlp
+
+
+def num_parameters(config: GPTConfig) -> int:
+    """GPT(config).num_parameters(), without building it."""
+    c = config.n_embd
+    final_norm = c * (1 + int(config.bias))
     embeddings = (config.vocab_size + config.context_length) * c
     head = 0 if config.tie_embeddings else config.vocab_size * c
-    return embeddings + config.n_layer * block + layer_norm + head
+    return embeddings + config.n_layer * block_parameters(config) + final_norm + head
+
+
+def lora_parameters(config: GPTConfig, lora: LoRAConfig) -> int:
+    """The adapters apply_lora adds to a GPT: rank x (inputs + outputs) per adapted linear layer."""
+    c = config.n_embd
+    shapes = {"c_attn": [(c, 3 * c)], "c_proj": [(c, c), (4 * c, c)], "c_fc": [(c, 4 * c)]}
+    per_block = sum(lora.rank * (n_in + n_out) for target in lora.targets for n_in, n_out in shapes[target])
+    return config.n_layer * per_block
 
 
 def weight_bytes(config: GPTConfig, dtype_bytes: int = FLOAT32_BYTES) -> int:
     return num_parameters(config) * dtype_bytes
 
 
-def optimizer_bytes(config: GPTConfig, dtype_bytes: int = FLOAT32_BYTES) -> int:
-    """AdamW's state: two moments per parameter."""
-    return 2 * weight_bytes(config, dtype_bytes)
-
-
-def activation_bytes(config: GPTConfig, batch_size: int, context: int, dtype_bytes: int = FLOAT32_BYTES) -> int:
-    """A rough estimate of the activations one training step keeps for the backward pass."""
-    per_token = config.n_layer * ACTIVATION_FLOATS_PER_LAYER * config.n_embd + LOGIT_COPIES * config.vocab_size
+def activation_bytes(config: GPTConfig, batch_size: int, context: int, dtype_bytes: int = FLOAT32_BYTES,
+                     logits_per_token: int | None = None) -> int:
+    """A rough estimate of the activations one training step keeps for the backward pass; logits_per_token
+    defaults to the LM head's vocab_size (a classifier's head reads one position: 0)."""
+    logits = config.vocab_size if logits_per_token is None else logits_per_token
+    per_token = config.n_layer * ACTIVATION_FLOATS_PER_LAYER * config.n_embd + LOGIT_COPIES * logits
     return batch_size * context * per_token * dtype_bytes
 
 
+def _step_bytes(weights: int, trainable: int, activations: int, dtype_bytes: int) -> int:
+    """All weights, the gradients and AdamW's two moments of the trainable ones, one step's activations."""
+    return (weights + 3 * trainable) * dtype_bytes + activations
+
+
 def training_bytes(config: GPTConfig, batch_size: int, context: int, dtype_bytes: int = FLOAT32_BYTES) -> int:
-    """Weights, their gradients, AdamW's state and one step's activations."""
-    weights = weight_bytes(config, dtype_bytes)
-    return 2 * weights + optimizer_bytes(config, dtype_bytes) + activation_bytes(config, batch_size, context,
-                                                                                 dtype_bytes)
+    """Pretraining: every weight trained."""
+    n = num_parameters(config)
+    return _step_bytes(n, n, activation_bytes(config, batch_size, context, dtype_bytes), dtype_bytes)
+
+
+def finetune_bytes(config: GPTConfig, batch_size: int, context: int, n_classes: int | None = None,
+                   trainable_blocks: int = 1, lora: LoRAConfig | None = None,
+                   dtype_bytes: int = FLOAT32_BYTES) -> int:
+    """Finetuning a GPT of config: an instruction finetune (n_classes None) trains every weight, or with
+    lora its adapters; a classifier (the LM head replaced by an n_classes head) trains its last
+    trainable_blocks blocks, the final LayerNorm and the head, or with lora its adapters and the head."""
+    adapters = lora_parameters(config, lora) if lora is not None else 0
+    if n_classes is None:
+        weights = num_parameters(config)
+        trainable = adapters if lora is not None else weights
+        activations = activation_bytes(config, batch_size, context, dtype_bytes)
+        return _step_bytes(weights + adapters, trainable, activations, dtype_bytes)
+    body = replace(config, tie_embeddings=True)
+    head = (config.n_embd + 1) * n_classes
+    final_norm = config.n_embd * (1 + int(config.bias))
+    top = trainable_blocks * block_parameters(config) + final_norm
+    trainable = head + (adapters if lora is not None else top)
+    activations = activation_bytes(body, batch_size, context, dtype_bytes, logits_per_token=0)
+    return _step_bytes(num_parameters(body) + head + adapters, trainable, activations, dtype_bytes)
 
 
 def kv_cache_bytes(config: GPTConfig, n_slots: int, context: int | None = None,

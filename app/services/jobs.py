@@ -8,9 +8,9 @@ from core.enums import CheckpointTask
 from core.errors import Invalid, Unavailable, no_such
 from core.queue import JobQueue
 from core.tables import Checkpoint, Corpus, Job
-from model import ConfigError, GPTConfig
+from model import ConfigError, GPTConfig, LoRAConfig
 from model.config import GPT2_VOCAB_SIZE
-from model.memory import human_bytes, training_bytes
+from model.memory import finetune_bytes, human_bytes, training_bytes
 
 
 def named_row(session: Session, model, key: str, what: str, param: str):
@@ -30,6 +30,13 @@ def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
     return corpus
 
 
+def _within_memory(estimate: int, max_memory_bytes: int, batch_size: int, advice: str) -> None:
+    if estimate > max_memory_bytes:
+        raise Invalid(f"training this model with batch_size {batch_size} needs about {human_bytes(estimate)} "
+                      f"(weights, gradients, AdamW state and activations); the limit is "
+                      f"{human_bytes(max_memory_bytes)} (max_training_memory_bytes): {advice}", param="model")
+
+
 def _model_config(request: JobCreate, max_memory_bytes: int) -> dict:
     tokenizer = request.tokenizer
     vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
@@ -42,29 +49,31 @@ def _model_config(request: JobCreate, max_memory_bytes: int) -> dict:
         raise Invalid(f"block_size {block_size} exceeds the model's context length {config.context_length}",
                       param="hyperparameters.block_size")
     batch_size = request.hyperparameters.batch_size
-    estimate = training_bytes(config, batch_size, block_size or config.context_length)
-    if estimate > max_memory_bytes:
-        raise Invalid(f"training this model with batch_size {batch_size} needs about {human_bytes(estimate)} "
-                      f"(weights, gradients, AdamW state and activations); the limit is "
-                      f"{human_bytes(max_memory_bytes)} (max_training_memory_bytes): choose a smaller model, "
-                      f"batch_size or block_size", param="model")
+    _within_memory(training_bytes(config, batch_size, block_size or config.context_length), max_memory_bytes,
+                   batch_size, "choose a smaller model, batch_size or block_size")
     return config.to_dict()
 
 
-def _base_checkpoint(session: Session, request: JobCreate) -> Checkpoint:
+def _base_checkpoint(session: Session, request: JobCreate, corpus: Corpus, max_memory_bytes: int) -> None:
     checkpoint = named_row(session, Checkpoint, request.base_checkpoint_id, "checkpoint", "base_checkpoint_id")
     if checkpoint.task != CheckpointTask.LM:
         raise Invalid(f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
                       f"from a language model (task lm)", param="base_checkpoint_id")
-    n_layer = checkpoint.model_config["n_layer"]
-    if request.type == jobs.JobType.FINETUNE_CLASSIFIER and request.trainable_blocks > n_layer:
-        raise Invalid(f"trainable_blocks {request.trainable_blocks} exceeds the base model's {n_layer} blocks",
-                      param="trainable_blocks")
+    config = GPTConfig.from_dict(checkpoint.model_config)
+    classifier = request.type == jobs.JobType.FINETUNE_CLASSIFIER
+    if classifier and request.trainable_blocks > config.n_layer:
+        raise Invalid(f"trainable_blocks {request.trainable_blocks} exceeds the base model's {config.n_layer} "
+                      f"blocks", param="trainable_blocks")
     max_length = request.hyperparameters.max_length
-    if max_length is not None and max_length > checkpoint.model_config["context_length"]:
-        raise Invalid(f"max_length {max_length} exceeds the base model's context length "
-                      f"{checkpoint.model_config['context_length']}", param="hyperparameters.max_length")
-    return checkpoint
+    if max_length is not None and max_length > config.context_length:
+        raise Invalid(f"max_length {max_length} exceeds the base model's context length {config.context_length}",
+                      param="hyperparameters.max_length")
+    batch_size = request.hyperparameters.batch_size
+    lora = LoRAConfig(**request.lora.model_dump()) if request.lora is not None else None
+    estimate = finetune_bytes(config, batch_size, max_length or config.context_length,
+                              n_classes=len(corpus.label_names) if classifier else None,
+                              trainable_blocks=request.trainable_blocks, lora=lora)
+    _within_memory(estimate, max_memory_bytes, batch_size, "choose a smaller batch_size or max_length, or lora")
 
 
 def create_job(session: Session, request: JobCreate, max_training_memory_bytes: int) -> Job:
@@ -81,7 +90,7 @@ def create_job(session: Session, request: JobCreate, max_training_memory_bytes: 
     if request.type == jobs.JobType.PRETRAIN:
         spec["model_config"] = _model_config(request, max_training_memory_bytes)
     else:
-        _base_checkpoint(session, request)
+        _base_checkpoint(session, request, corpus, max_training_memory_bytes)
     return jobs.create(session, name=request.name, type=request.type, corpus_id=request.corpus_id,
                        validation_corpus_id=request.validation_corpus_id,
                        base_checkpoint_id=request.base_checkpoint_id, spec=spec, seed=request.seed,

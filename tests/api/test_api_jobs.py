@@ -19,7 +19,7 @@ def readme_job(corpus_id: str, /, **changes) -> dict:
             "hyperparameters": {"max_steps": 200, "batch_size": 8, "learning_rate": 0.0006}, "seed": 1, **changes}
 
 
-def insert_checkpoint(api, task: str = "lm") -> str:
+def insert_checkpoint(api, task: str = "lm", model_config: dict | None = None) -> str:
     """A checkpoint row written straight into the database (no files: no worker will read it here)."""
     from core.db import Database, new_id
     from core.tables import Checkpoint
@@ -30,7 +30,8 @@ def insert_checkpoint(api, task: str = "lm") -> str:
         with database.session() as session:
             session.add(Checkpoint(id=checkpoint_id, step=10, path=f"checkpoints/{checkpoint_id}", size_bytes=1,
                                    task=task, label_names=["ham", "spam"] if task == "classifier" else None,
-                                   model_config=dict(NANO_CONFIG), tokenizer_type="gpt2", metrics={}))
+                                   model_config=dict(model_config or NANO_CONFIG), tokenizer_type="gpt2",
+                                   metrics={}))
     finally:
         database.dispose()
     return checkpoint_id
@@ -416,3 +417,27 @@ def test_the_training_memory_limit_counts_batch_size_and_block_size(api, text_co
     assert_error(api.post("/v1/jobs", json=big_batch), 422, "batch_size 64", "3.2 GiB", "1.0 GiB", param="model")
     short_windows = readme_job(text_corpus, hyperparameters={"max_steps": 1, "batch_size": 64, "block_size": 16})
     assert api.post("/v1/jobs", json=short_windows).status_code == 201
+
+
+def test_a_finetune_is_held_to_the_training_memory_limit(api):
+    from model import GPTConfig
+
+    api.app.state.services.settings.max_training_memory_bytes = 1024**3
+    base = insert_checkpoint(api, model_config=GPTConfig.preset("gpt2").to_dict())  # 124M parameters: 475 MiB
+    records = b'{"instruction": "Say hi.", "output": "Hi."}\n' * 4
+    instructions = upload_corpus(api, records, "i.jsonl", "instruction")
+    texts = upload_corpus(api, b"ham\thello\nspam\twin cash\n" * 4, "sms.tsv", "classification")
+
+    def finetune(kind, corpus, **changes):
+        hyperparameters = {"max_steps": 1, "batch_size": 4, "max_length": 128, **changes.pop("hp", {})}
+        return api.post("/v1/jobs", json={"type": kind, "corpus_id": corpus, "base_checkpoint_id": base,
+                                          "hyperparameters": hyperparameters, **changes})
+
+    # every weight with its gradient and AdamW state: about 1.9 GiB before any activation
+    assert_error(finetune("finetune_instruct", instructions), 422, "GiB", "max_training_memory_bytes",
+                 "lora", param="model")
+    assert finetune("finetune_instruct", instructions, lora={"rank": 8}).status_code == 201
+    # the top block and the head: the frozen weights, and activations of 4 x 128 tokens
+    assert finetune("finetune_classifier", texts).status_code == 201
+    assert_error(finetune("finetune_classifier", texts, hp={"batch_size": 16}), 422, "batch_size 16", param="model")
+    assert_error(finetune("finetune_classifier", texts, trainable_blocks=12), 422, "GiB", param="model")

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTClassifier, GPTConfig, LoRAConfig, apply_lora, freeze_for_finetune
 from model.memory import (
     activation_bytes,
+    finetune_bytes,
     human_bytes,
     kv_cache_bytes,
     num_parameters,
-    optimizer_bytes,
     serving_bytes,
     training_bytes,
     weight_bytes,
@@ -27,7 +27,6 @@ def test_parameter_count_equals_the_built_models(overrides):
     config = GPTConfig.preset("nano", vocab_size=300, **overrides)
     assert num_parameters(config) == GPT(config).num_parameters()
     assert weight_bytes(config) == 4 * num_parameters(config)
-    assert optimizer_bytes(config) == 8 * num_parameters(config)
 
 
 def test_gpt2_has_124m_parameters_without_being_built():
@@ -51,6 +50,29 @@ def test_training_and_serving_estimates_add_their_parts():
     assert training_bytes(config, 4, 64) == 16 * num_parameters(config) + activations
     assert serving_bytes(config, 8) == 2 * weight_bytes(config) + kv_cache_bytes(config, 8)
     assert serving_bytes(config, 1) == weight_bytes(config) + kv_cache_bytes(config, 1)
+
+
+def parameters_and_trainable(model) -> int:
+    """What finetune_bytes counts with one byte per value and no activations: weights + 3 x trainable."""
+    return sum(p.numel() * (1 + 3 * p.requires_grad) for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+@pytest.mark.parametrize("lora", [None, LoRAConfig(rank=4), LoRAConfig(rank=2, targets=("c_proj",))])
+def test_finetune_estimates_count_the_trainable_parameters_of_the_built_models(overrides, lora):
+    config = GPTConfig.preset("nano", vocab_size=300, **overrides)
+    instruct = GPT(config)
+    if lora is not None:
+        apply_lora(instruct, lora)
+    assert finetune_bytes(config, 0, 16, lora=lora, dtype_bytes=1) == parameters_and_trainable(instruct)
+    for blocks in (0, 2):
+        classifier = GPTClassifier.from_lm(GPT(config), 3)
+        if lora is not None:
+            apply_lora(classifier, lora, trainable=(classifier.head,))
+        else:
+            freeze_for_finetune(classifier, blocks)
+        estimate = finetune_bytes(config, 0, 16, n_classes=3, trainable_blocks=blocks, lora=lora, dtype_bytes=1)
+        assert estimate == parameters_and_trainable(classifier)
 
 
 def test_human_bytes():
