@@ -130,6 +130,22 @@ async def admin(request: Request) -> ApiKey | None:
     return _require(request, KeyScope.ADMIN)
 
 
+def document_security(schema: dict) -> dict:
+    """The OpenAPI document with the bearer key declared on every operation but the public ones."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key from POST /v1/api-keys or "
+                   "`scratchllm keys create`; its scope (read < train < deploy < admin) must cover the request"}}
+    for path, operations in schema["paths"].items():
+        if path in PUBLIC_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"apiKey": []}]
+            operation.setdefault("responses", {}).update({
+                "401": {"description": "no API key, or one that is unknown or revoked"},
+                "403": {"description": "the key's scope does not cover this request"}})
+    return schema
+
+
 ReadOrTrain = Depends(read_or_train)
 Reader = Depends(reader)
 Deployer = Depends(deployer)

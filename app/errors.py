@@ -17,6 +17,11 @@ RETRY_AFTER_S = 1  # told to a client that finds the server full
 DOMAIN_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, Gone: 410, Unavailable: 503}
 
 
+# The 503s a client must expect, declared in the OpenAPI document of the operations that answer them.
+NOT_READY = {503: {"description": "the deployment is loading, or there is no default deployment: retry later"}}
+QUEUE_UNAVAILABLE = {503: {"description": "the job queue does not take the job: it is failed, not queued"}}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
                  details: list | None = None, code: str | None = None):

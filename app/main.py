@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from app.auth import Authenticate, Reader
+from app.auth import Authenticate, Reader, document_security
 from app.bodies import LimitBodies
 from app.deps import Services, ServicesDep
 from app.errors import error_body, install_error_handlers
@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def livez() -> dict:
         return {"status": "ok"}
 
-    @app.get("/health", tags=["health"])
+    @app.get("/health", tags=["health"], responses={503: {"description": "not ready: the database does not answer, "
+                                                          "or the default deployment is missing or not loaded"}})
     async def health(services: ServicesDep):
         """Ready: the database answers and the default deployment is loaded; 503 with the reason otherwise.
         Public, so it names no deployment or checkpoint (GET /v1/deployments does, with a key)."""
@@ -108,4 +109,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.running.labels(name).set(running)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_security(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -48,16 +48,20 @@ def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
     return response.json()["id"]
 
 
-def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
+def register_model(settings, model, label_names=None, prompt_format=None) -> str:
     """Save model into the service's data dir and register it, as a finished training job would."""
-    settings = api.app.state.services.settings
     directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", model, gpt2_tokenizer(),
                                 label_names=label_names, prompt_format=prompt_format)
     database = Database(settings.sqlalchemy_url)
-    with database.session() as session:
-        checkpoint_id = register_checkpoint(session, settings.storage, directory, read_metadata(directory)).id
-    database.dispose()
-    return checkpoint_id
+    try:
+        with database.session() as session:
+            return register_checkpoint(session, settings.storage, directory, read_metadata(directory)).id
+    finally:
+        database.dispose()
+
+
+def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
+    return register_model(api.app.state.services.settings, model, label_names, prompt_format)
 
 
 def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:

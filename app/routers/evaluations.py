@@ -8,6 +8,7 @@ from sqlalchemy.orm import selectinload
 
 from app.auth import ReadOrTrain
 from app.deps import EvaluationDep, PageDep, QueueDep, SessionDep, SettingsDep
+from app.errors import QUEUE_UNAVAILABLE
 from app.schemas.common import Page
 from app.schemas.evaluations import (
     Comparison,
@@ -27,7 +28,7 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], dependencies=
 IdQuery = Annotated[str | None, Query(max_length=40)]
 
 
-@router.post("", status_code=201, response_model=EvaluationOut)
+@router.post("", status_code=201, response_model=EvaluationOut, responses=QUEUE_UNAVAILABLE)
 def submit_evaluation(body: EvaluationCreate, session: SessionDep, queue: QueueDep,
                       settings: SettingsDep) -> EvaluationOut:
     evaluation = evaluations.create_evaluation(session, settings, body)

@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import Reader
 from app.deps import EnginesDep
+from app.errors import NOT_READY
 from app.protocols import tgi
 from app.protocols.tgi import TGIError
 
-router = APIRouter(tags=["generation (TGI)"], dependencies=[Reader])
+router = APIRouter(tags=["generation (TGI)"], dependencies=[Reader], responses=NOT_READY)
 
 
 async def _generate(answer: tgi.Answer, as_list: bool) -> JSONResponse:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from app.auth import ReadOrTrain
 from app.deps import DatabaseDep, JobDep, PageDep, QueueDep, SessionDep, SettingsDep
+from app.errors import QUEUE_UNAVAILABLE
 from app.schemas.common import Page
 from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatusName, JobTypeName, MetricSeries
 from app.services.jobs import create_job, send_job
@@ -23,7 +24,7 @@ STREAM_POLL_S = 0.5
 MAX_INDEX = 2**62  # event ids and steps are 64-bit integers in the database
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut, responses=QUEUE_UNAVAILABLE)
 def submit_job(body: JobCreate, session: SessionDep, queue: QueueDep, settings: SettingsDep) -> JobOut:
     job = create_job(session, body, settings.max_training_memory_bytes)
     session.commit()

@@ -5,6 +5,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import Reader
 from app.deps import DeploymentsDep, EnginesDep
+from app.errors import NOT_READY
 from app.protocols import openai
 from serving.client import Generation
 
@@ -34,14 +35,14 @@ def list_models(deployments: DeploymentsDep) -> dict:
     return openai.models(deployments.all())
 
 
-@router.post("/completions")
+@router.post("/completions", responses=NOT_READY)
 async def completions(request: Request, engines: EnginesDep):
     body = await openai.parse(request, openai.CompletionRequest)
     generation, model = await openai.completion(engines, body)
     return await _respond(generation, body, model, chat=False)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=NOT_READY)
 async def chat_completions(request: Request, engines: EnginesDep):
     body = await openai.parse(request, openai.ChatRequest)
     generation, model = await openai.chat_completion(engines, body)

@@ -8,6 +8,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from app.auth import PUBLIC_PATHS
 from tests.helpers import assert_error, create_api_key, serving
 
 
@@ -50,6 +51,24 @@ def test_public_endpoints_answer_without_a_key_and_name_nothing(keyed):
     assert keyed.get("/openapi.json").status_code == 200 and keyed.get("/docs").status_code == 200
     health = keyed.get("/health")
     assert health.status_code == 503 and health.json()["error"]["message"] == "no default deployment"
+
+
+def test_the_openapi_document_declares_the_key_and_the_only_503s(keyed):
+    document = keyed.get("/openapi.json").json()
+    scheme = document["components"]["securitySchemes"]["apiKey"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "scope" in scheme["description"]
+    operations = [(method.upper(), path, operation) for path, methods in document["paths"].items()
+                  for method, operation in methods.items()]
+    for _, path, operation in operations:
+        secured = operation.get("security") == [{"apiKey": []}]
+        assert secured != (path in PUBLIC_PATHS), path
+        assert secured == ({"401", "403"} <= set(operation["responses"])), path
+    serving = {"POST /generate", "POST /generate_stream", "POST /", "GET /info", "POST /classify",
+               "POST /v1/completions", "POST /v1/chat/completions"}
+    assert {f"{method} {path}" for method, path, operation in operations if "503" in operation["responses"]} == {
+        "GET /health", "POST /v1/jobs", "POST /v1/evaluations", *serving,
+        *(f"{route.split()[0]} /d/{{deployment}}{route.split()[1]}" for route in serving if "/v1/" not in route
+          and "classify" not in route)}
 
 
 def test_open_mode_answers_only_local_requests_to_a_local_host(api):
