@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import tarfile
+import tempfile
 
 import pytest
 import torch
@@ -69,6 +71,25 @@ def assert_nothing_imported(api) -> None:
     for folder in (data_dir(api) / "checkpoints" / ".staging", data_dir(api) / "checkpoints" / "imported"):
         assert not folder.exists() or list(folder.iterdir()) == [], list(folder.iterdir())
 
+
+
+def test_downloads_leave_no_file_descriptor_and_no_file_behind(client, tiny_hf, tmp_path, monkeypatch):
+    _, weights, config = tiny_hf
+    checkpoint = import_checkpoint(client, weights, config).json()["id"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where an archive packed first would go
+    url = f"/v1/checkpoints/{checkpoint}/download"
+    first = client.get(url)
+    assert first.status_code == 200
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert client.get(url).content == first.content
+    assert len(os.listdir("/proc/self/fd")) <= open_before + 2  # the client's pools may open one or two
+    with client.stream("GET", url) as abandoned:  # a client that goes away mid-archive
+        next(abandoned.iter_bytes(1024))
+    assert len(os.listdir("/proc/self/fd")) <= open_before + 2
+    assert list(scratch.iterdir()) == [] and list(data_dir(client).rglob("*.tar")) == []
 
 
 @pytest.mark.both_databases

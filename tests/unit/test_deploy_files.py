@@ -341,6 +341,8 @@ def compose_problems(result: subprocess.CompletedProcess, stages: set[str]) -> l
         problems.append(f"api does not run `api --port {API_PORT}`")
     if API_PORT not in {port["target"] for port in api.get("ports", [])}:
         problems.append(f"api does not publish its port {API_PORT}")
+    if (api.get("environment") or {}).get("SCRATCHLLM_API_KEYS_REQUIRED", "true").lower() != "true":
+        problems.append("api publishes its port without requiring keys")
     if worker.get("command") != ["worker"]:
         problems.append("worker does not run `worker`")
     return problems + shared_settings_problems(services) + worker_problems(api, worker)
@@ -555,6 +557,7 @@ COMPOSE_BREAKAGES = [  # (id, {dotted path: new value or DELETE}, what the probl
                      for s in ("migrate", "api", "worker")}, "does not point at the redis service"),
     ("api-port", {"services.api.ports": ["8080:8080"]}, "publish its port"),
     ("api-listens-elsewhere", {"services.api.command": "api --port 9000"}, "api --port 8000"),
+    ("api-open", {"services.api.environment.SCRATCHLLM_API_KEYS_REQUIRED": "false"}, "without requiring keys"),
     ("api-restart", {"services.api.restart": "no"}, "long-running"),
     ("worker-command", {"services.worker.command": "celery worker"}, "worker does not run"),
     ("no-worker", {"services.worker": DELETE}, "no service 'worker'"),
