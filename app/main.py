@@ -36,7 +36,7 @@ from serving.deployments import DeploymentManager, follow_deployments
 def _services(settings: Settings, metrics: Metrics) -> Services:
     database = Database(settings.sqlalchemy_url)
     manager = DeploymentManager(database, settings.storage, settings.serving_max_batch, settings.serving_max_queue,
-                                metrics, settings.max_serving_memory_bytes)
+                                metrics, settings.max_serving_memory_bytes, settings.serving_gpu_memory_fraction)
     engines = EngineClient(manager, metrics, settings.generation_timeout_s, settings.serving_max_prompt_chars,
                            settings.serving_max_classify_batches)
     return Services(settings=settings, database=database, queue=JobQueue(settings), deployments=manager,
@@ -107,6 +107,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             waiting, running = engine.load
             metrics.queue_depth.labels(name).set(waiting)
             metrics.running.labels(name).set(running)
+        metrics.memory.clear()  # a deployment moved or gone leaves no stale series
+        for served in services.deployments.all():
+            if served.current is not None:
+                placement = served.current.placement
+                metrics.memory.labels(served.name, str(placement.device), placement.dtype_name).set(
+                    served.current.memory_bytes)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     build_openapi = app.openapi

@@ -27,6 +27,15 @@ class EvaluationKind(StrEnum):
     INSTRUCT = "instruct"  # an instruction model on instructions
 
 
+class ServingDtype(StrEnum):
+    """The dtype a deployment is served in; auto: bfloat16 on a device that supports it, else float32."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
 class KeyScope(StrEnum):
     """API key scopes, each allowing what the ones before it allow (docs/DEPLOY.md, "Security")."""
 

@@ -38,8 +38,10 @@ class Settings(BaseSettings):
         "a training job whose estimated memory (weights, gradients, AdamW state, one step's activations) is "
         "larger is refused (422)"))
     max_serving_memory_bytes: int = Field(8 * 1024**3, gt=0, description=(
-        "the memory all deployments of an API process may hold together (weights and the KV cache for "
+        "the memory the deployments an API process serves on the CPU may hold together (weights and the KV cache for "
         "serving_max_batch sequences of the whole context); a deployment past it is refused (422), or fails at start"))
+    serving_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description=(
+        "the share of a GPU's memory the deployments on it may hold together; one past it is refused (422)"))
     serving_max_queue: int = Field(64, ge=0, description="requests waiting per deployment before 429")
     serving_max_prompt_chars: int = Field(32_768, ge=1, description="the longest prompt or text to classify, in "
                                           "characters: a longer one is refused (413) before it is tokenized")

@@ -159,6 +159,9 @@ class Deployment(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="RESTRICT"), index=True)
     is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    # asked for, `auto` or explicit: each API process resolves it on its own hardware (serving.placement)
+    device: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
+    dtype: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")  # a ServingDtype
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

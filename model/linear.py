@@ -37,10 +37,14 @@ class PackedWeight(NamedTuple):
         return self.data_ptr == weight.data_ptr() and self.version == weight._version
 
 
+def packable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `pack` keeps a copy of a weight on this device in this dtype."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def pack(weight: Tensor) -> PackedWeight | None:
     """weight [out, in] in oneDNN's layout for products of several rows; None where oneDNN cannot."""
-    cpu_float = weight.is_cpu and weight.dtype == torch.float32
-    if not cpu_float or weight.is_inference() or not torch.backends.mkldnn.is_available():
+    if not packable(weight.device, weight.dtype) or weight.is_inference():
         return None  # (an inference tensor has no version to tell when the copy goes stale)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)

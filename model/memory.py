@@ -96,10 +96,11 @@ def kv_cache_bytes(config: GPTConfig, n_slots: int, context: int | None = None,
     return 2 * config.n_layer * n_slots * config.n_head * positions * config.head_dim * dtype_bytes
 
 
-def serving_bytes(config: GPTConfig, n_slots: int, dtype_bytes: int = FLOAT32_BYTES) -> int:
+def serving_bytes(config: GPTConfig, n_slots: int, dtype_bytes: int = FLOAT32_BYTES, packed: bool = True) -> int:
     """A language model served to n_slots sequences at once: its weights, the oneDNN copy of them the engine
-    keeps for batches of more than one (`GPT.pack_for_batches`) and the KV cache for its whole context."""
-    copies = 2 if n_slots > 1 else 1
+    keeps for batches of more than one where it can (`GPT.pack_for_batches`; packed: the weights are on a
+    device and in a dtype `model.linear.packable` allows) and the KV cache for its whole context."""
+    copies = 2 if packed and n_slots > 1 else 1
     return copies * weight_bytes(config, dtype_bytes) + kv_cache_bytes(config, n_slots, dtype_bytes=dtype_bytes)
 
 

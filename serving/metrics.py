@@ -21,5 +21,7 @@ class ServingMetrics:
                                  registry=self.registry)
         self.running = Gauge("scratchllm_running_sequences", "sequences being decoded", ["deployment"],
                              registry=self.registry)
+        self.memory = Gauge("scratchllm_deployment_memory_bytes", "estimated memory a deployment holds, where it "
+                            "is served", ["deployment", "device", "dtype"], registry=self.registry)
         self.load_failures = Counter("scratchllm_deployment_load_failures", "checkpoints that failed to load",
                                      ["deployment"], registry=self.registry)

@@ -16,9 +16,12 @@ router = APIRouter(prefix="/v1/deployments", tags=["deployments"], dependencies=
 
 def _out(manager: DeploymentManager, deployment: Deployment, task: str) -> DeploymentOut:
     served = manager.get(deployment.name)
-    serving = served.current.checkpoint_id if served and served.current else None
+    current = served.current if served else None
     return DeploymentOut(id=deployment.id, name=deployment.name, checkpoint_id=deployment.checkpoint_id,
-                         serving_checkpoint_id=serving, task=task, default=deployment.is_default,
+                         serving_checkpoint_id=current.checkpoint_id if current else None, task=task,
+                         default=deployment.is_default, device=deployment.device, dtype=deployment.dtype,
+                         served_device=str(current.placement.device) if current else None,
+                         served_dtype=current.placement.dtype_name if current else None,
                          state=served.state if served else DeploymentState.LOADING,
                          error=served.error if served else None,
                          created_at=deployment.created_at, updated_at=deployment.updated_at)
@@ -31,7 +34,7 @@ def _task(session, deployment: Deployment) -> str:
 @router.post("", status_code=201, response_model=DeploymentOut, dependencies=[Deployer])
 def create_deployment(body: DeploymentCreate, session: SessionDep, manager: DeploymentsDep,
                       settings: SettingsDep) -> DeploymentOut:
-    deployment = deployments.create(session, body.name, body.checkpoint_id, body.default, settings)
+    deployment = deployments.create(session, body, settings)
     manager.sync()
     return _out(manager, deployment, _task(session, deployment))
 
@@ -53,7 +56,7 @@ def get_deployment(name: str, session: SessionDep, manager: DeploymentsDep) -> D
 @router.patch("/{name}", response_model=DeploymentOut, dependencies=[Deployer])
 def update_deployment(name: str, body: DeploymentUpdate, session: SessionDep,
                       manager: DeploymentsDep, settings: SettingsDep) -> DeploymentOut:
-    deployment = deployments.change(session, name, body.checkpoint_id, body.default, settings)
+    deployment = deployments.change(session, name, body, settings)
     manager.sync()
     return _out(manager, deployment, _task(session, deployment))
 
