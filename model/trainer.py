@@ -2,7 +2,9 @@
 
 AdamW (weight decay on matrices only, fused where available), linear warmup then cosine decay to a
 minimum, gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile,
-periodic evaluation, samples and checkpoints, callbacks, and an exact resume.
+periodic evaluation, samples and checkpoints, callbacks, and an exact resume. Run in every process of a
+torch.distributed process group, it trains data-parallel (model.parallel): only rank 0 reports to its
+callback, samples and writes checkpoints, and rank 0's callback decides for all when to stop.
 
 What it trains on is an objective (model.objectives): batch i is a pure function of the objective's seed and
 i, so the data position after a resume is just the step, and a resumed run repeats the uninterrupted loss
@@ -18,10 +20,12 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from model.checkpoint import load_training_state, save_checkpoint
 from model.generate import generate
 from model.lora import LoRAConfig
+from model.parallel import agree, gather, micro_batches, rank_and_world, sum_across
 
 
 @dataclass(frozen=True)
@@ -157,12 +161,14 @@ class Trainer:
                  callback: Callback | None = None, seed: int = 1337, label_names: list[str] | None = None,
                  parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None):
         self.config = config
+        self.rank, self.world = rank_and_world()
+        micro_batches(0, config.grad_accum_steps, self.rank, self.world)  # the ranks share the micro-batches
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.objective = objective
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
-        self.callback = callback or Callback()
+        self.callback = (callback or Callback()) if self.rank == 0 else Callback()  # rank 0 speaks for all
         self.seed = seed
         self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora, prompt_format=prompt_format)
         self.optimizer = make_optimizer(self.model, config, self.device)
@@ -170,8 +176,12 @@ class Trainer:
         self.tokens_seen = 0
         self.metrics: dict[str, float] = {}
         self._last_checkpoint_step = -1
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
-        torch.manual_seed(seed)
+        # DDP starts every rank from rank 0's weights and averages the gradients
+        self.parallel = None if self.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        wrapped = self.parallel or self.model
+        self.forward_model = torch.compile(wrapped) if config.compile else wrapped
+        torch.manual_seed(seed + self.rank)  # dropout differs between ranks; rank 0 draws as one process does
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -183,9 +193,8 @@ class Trainer:
         state = self.optimizer.state_dict()
         tensors = {f"optimizer.{index}.{key}": value for index, slots in state["state"].items()
                    for key, value in slots.items()}
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for name, rng in self._rng_states().items():
+            tensors[name] = rng
         return tensors, {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed,
                          "metrics": self.metrics, "param_groups": state["param_groups"],
                          "config": asdict(self.config)}
@@ -208,11 +217,24 @@ class Trainer:
         for group in optimizer_state["param_groups"]:
             group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict(optimizer_state)
-        torch.set_rng_state(tensors["rng.cpu"])
+        suffix = f".rank{self.rank}" if self.rank else ""  # a rank the saving run lacked draws from rank 0's state
+        torch.set_rng_state(tensors.get(f"rng.cpu{suffix}", tensors["rng.cpu"]))
         if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            torch.cuda.set_rng_state(tensors.get(f"rng.cuda{suffix}", tensors["rng.cuda"]), self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.metrics = dict(state["metrics"])
+
+    def _rng_states(self) -> dict[str, Tensor]:
+        """Every rank's random state (a collective), rank 0's under the names a single process uses."""
+        own = {"rng.cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world == 1:
+            return own
+        states = {}
+        for rank, theirs in enumerate(gather(own)):
+            states |= {name + (f".rank{rank}" if rank else ""): state for name, state in theirs.items()}
+        return states
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -220,7 +242,7 @@ class Trainer:
         result = TrainResult("completed", self.step)
         step_times: list[float] = []
         while self.step < config.max_steps:
-            if self.callback.should_stop():
+            if self._should_stop():
                 result.status = "stopped"
                 break
             started = time.perf_counter()
@@ -234,7 +256,7 @@ class Trainer:
             finished = self.step == config.max_steps
             if finished or self._due(config.eval_interval):
                 self._evaluate()
-            if self._due(config.sample_interval) and self.objective.kind == "lm":
+            if self._due(config.sample_interval) and self.objective.kind == "lm" and self.rank == 0:
                 self.callback.on_sample(self.step, self.sample())
             if finished or self._due(config.checkpoint_interval):
                 result.checkpoint = self._checkpoint() or result.checkpoint
@@ -251,20 +273,30 @@ class Trainer:
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
+    def _should_stop(self) -> bool:
+        stop = self.callback.should_stop() if self.rank == 0 else False
+        return agree(stop, self.device) if self.world > 1 else stop
+
     def _optimizer_step(self, lr: float) -> tuple[float, int]:
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         total_loss, tokens = 0.0, 0
-        for micro in range(config.grad_accum_steps):
-            index = self.step * config.grad_accum_steps + micro
+        indices = micro_batches(self.step, config.grad_accum_steps, self.rank, self.world)
+        for index in indices:
             batch = tuple(t.to(self.device) for t in self.objective.batch(index))
-            with self.autocast():
-                loss = self.objective.loss(self.forward_model, batch) / config.grad_accum_steps
-            loss.backward()
+            last = index == indices[-1]
+            # gradients are averaged across ranks once, at the step's last micro-batch
+            with contextlib.nullcontext() if self.parallel is None or last else self.parallel.no_sync():
+                with self.autocast():
+                    loss = self.objective.loss(self.forward_model, batch) / len(indices)
+                loss.backward()
             total_loss += loss.item()
             tokens += self.objective.n_tokens(batch)
+        if self.world > 1:
+            summed_loss, summed_tokens = sum_across([total_loss, tokens], self.device)
+            total_loss, tokens = summed_loss / self.world, int(summed_tokens)
         if config.grad_clip is not None:
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -292,11 +324,12 @@ class Trainer:
         return self.tokenizer.decode(out[0, len(prompt):].tolist())
 
     def _checkpoint(self) -> Path | None:
-        if not self.callback.may_checkpoint():
+        self._last_checkpoint_step = self.step
+        state = self.training_state()  # on every rank: it gathers their random states
+        if self.rank != 0 or not self.callback.may_checkpoint():
             return None
         path = self.out_dir / f"step-{self.step:07d}"
         save_checkpoint(path, self.model, self.tokenizer, step=self.step, metrics=dict(self.metrics),
-                        training_state=self.training_state(), **self.checkpoint_meta)
-        self._last_checkpoint_step = self.step
+                        training_state=state, **self.checkpoint_meta)
         self.callback.on_checkpoint(self.step, path, dict(self.metrics))
         return path
