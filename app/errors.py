@@ -40,8 +40,10 @@ def error_body(status: int, message: str, param: str | None = None, type_: str |
 
 
 def _is_union_tag(part) -> bool:
-    """pydantic names the branch of a union in an error's location: `literal['gpt2']`, `BPESpec`."""
-    return isinstance(part, str) and ("[" in part or (part[:1].isupper() and part.isidentifier()))
+    """pydantic names the branch of a union in an error's location: `literal['gpt2']`, `BPESpec`,
+    `constrained-int`."""
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
+                                      or (part[:1].isupper() and part.isidentifier()))
 
 
 def _field_path(location: tuple) -> str:

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(512, ge=1, description="concurrent connections the API serves; past it, 503")
     worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker: one per GPU")
     worker_soft_shutdown_s: float = Field(60.0, gt=0)
+    distributed_timeout_s: float = Field(600.0, gt=0, description=(
+        "how long the ranks of a job on several devices wait for each other (a collective, rank 0 writing a "
+        "checkpoint) before the job fails"))
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")
     max_attempts: int = Field(3, ge=1, description="a job starts at most this often: one whose worker went silent "

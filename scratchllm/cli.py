@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -140,12 +139,6 @@ def worker(_args: argparse.Namespace) -> None:
                         "--loglevel=INFO", "--without-gossip", "--without-mingle"])
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, however the parent dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def up(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -153,6 +146,7 @@ def up(args: argparse.Namespace) -> None:
     from app.auth import is_loopback_host
     from app.main import create_app
     from core.migrate import upgrade
+    from core.processes import start_child
     from core.settings import Settings
 
     if args.data_dir:
@@ -165,8 +159,7 @@ def up(args: argparse.Namespace) -> None:
     os.environ["SCRATCHLLM_DATA_DIR"] = str(settings.data_dir)  # the worker sees the same folder
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
-    worker_process = subprocess.Popen([sys.executable, "-m", "scratchllm", "worker"],
-                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    worker_process = start_child([sys.executable, "-m", "scratchllm", "worker"])
     print(f"ScratchLLM at http://{args.host}:{args.port} (data in {settings.data_dir}; worker pid "
           f"{worker_process.pid}); Ctrl-C stops everything", flush=True)
     try:

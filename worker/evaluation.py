@@ -222,7 +222,7 @@ def evaluate(database: Database, settings: Settings, job_id: str, reporter: JobR
     model, tokenizer, meta = load_checkpoint(target.checkpoint_path)
     if has_lora(model):
         merge_lora(model)
-    model.to(pool_device())
+    model.to(pool_device(settings.worker_concurrency))
 
     def steps_for(totals: list[int]) -> Steps:
         return Steps(reporter, totals)

@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -142,3 +143,16 @@ class JobReporter(Callback):
                 session.add(JobEvent(job_id=self.job_id, type=type_, level=level, message=message, data=data))
 
         retrying(write, f"event of job {self.job_id}")
+
+
+def stop_also_on(shutdown: threading.Event, reporter: JobReporter) -> Callable[[], bool]:
+    """The reporter's should_stop, also true once shutdown is set (the worker is shutting down: the job is
+    to be handed back)."""
+    checks_database = reporter.should_stop
+
+    def should_stop() -> bool:
+        if shutdown.is_set() and reporter.stop_reason is None:
+            reporter.stop_reason = StopReason.SHUTDOWN
+        return checks_database() or reporter.stop_reason is not None
+
+    return should_stop

@@ -5,19 +5,17 @@ import logging
 import signal
 import threading
 
-from sqlalchemy import select
-
 from core import jobs
 from core.db import Database
 from core.jobs import JobStatus, JobType
 from core.queue import JobQueue
 from core.settings import Settings
-from core.tables import Checkpoint, Corpus, Job
-from model import Trainer, has_training_state, load_checkpoint
+from core.tables import Job
 from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
-from worker.reporting import JobReporter, StopReason, retrying
-from worker.training import plan_job
+from worker.ranks import RankDied, run_ranks
+from worker.reporting import JobReporter, StopReason, retrying, stop_also_on
+from worker.training import job_devices, prepare_data, train_job, training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +46,6 @@ class _Heartbeat(threading.Thread):
                 log.exception("heartbeat of job %s failed", self.job_id)
 
 
-def _resume_point(session, job_id: str, settings: Settings) -> Checkpoint | None:
-    """The job's latest checkpoint whose directory still holds its training state."""
-    for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                                      .order_by(Checkpoint.step.desc())):
-        if has_training_state(settings.storage.checkpoint_dir(checkpoint.path)):
-            return checkpoint
-    return None
-
-
 def _finish(database: Database, job_id: str, owner: str, status: JobStatus, message: str, **details) -> None:
     def write() -> None:
         with database.session() as session:
@@ -84,12 +73,16 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
         with database.session() as session:
             job = session.get(Job, job_id)
         reporter = JobReporter(database, job_id, owner, settings.storage)
-        reporter.should_stop = _stop_also_on(shutdown, reporter)
+        reporter.should_stop = stop_also_on(shutdown, reporter)
         if job.type == JobType.EVALUATE:
             metrics = evaluate(database, settings, job_id, reporter)
             step = reporter.progress.step if reporter.progress else 0
         else:
-            metrics, step = _train(database, settings, job, reporter)
+            metrics, step = _train(database, settings, job, reporter, shutdown)
+    except RankDied as e:  # killed, not failing: the job goes back to the queue (the attempt cap applies)
+        log.warning("job %s: %s", job_id, e)
+        _hand_back(settings, database, job_id, owner, f"{e}: job re-queued")
+        return
     except Exception as e:
         log.exception("job %s failed", job_id)
         _finish(database, job_id, owner, JobStatus.FAILED, f"job failed: {e}", error=f"{type(e).__name__}: {e}")
@@ -104,47 +97,33 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     elif reporter.stop_reason == StopReason.CANCELLED:
         _finish(database, job_id, owner, JobStatus.CANCELLED, f"job cancelled at step {step}")
     elif reporter.stop_reason == StopReason.SHUTDOWN:
-        with database.session() as session:
-            handed_back = jobs.hand_back(session, job_id, owner, f"worker shutting down: job re-queued at step {step}")
-        if handed_back:
-            JobQueue(settings).send(job_id)
+        _hand_back(settings, database, job_id, owner, f"worker shutting down: job re-queued at step {step}")
     # StopReason.LEASE_LOST: whoever holds the job now ends it
 
 
-def _train(database: Database, settings: Settings, job: Job, reporter: JobReporter) -> tuple[dict | None, int]:
-    """Train the job from its latest checkpoint, if any: (the final metrics, or None if stopped; the step)."""
+def _hand_back(settings: Settings, database: Database, job_id: str, owner: str, message: str) -> None:
     with database.session() as session:
-        corpus_ids = [i for i in (job.corpus_id, job.validation_corpus_id) if i]
-        corpora = dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids))).all())
-        base = session.get(Checkpoint, job.base_checkpoint_id) if job.base_checkpoint_id else None
-        resume = _resume_point(session, job.id, settings)
-    plan = plan_job(job, settings.storage, corpora, base.path if base else None)
-    trainer = Trainer(plan.model, plan.objective, plan.config, plan.tokenizer,
-                      settings.storage.job_checkpoints_dir(job.id),
-                      reporter, seed=job.seed, label_names=plan.label_names, lora=plan.lora,
-                      parent=base.id if base else None, prompt_format=plan.prompt_format)
-    if resume is not None:
-        resume_dir = settings.storage.checkpoint_dir(resume.path)
-        _load_weights(plan.model, resume_dir)
-        trainer.resume(resume_dir)
-        reporter.event("resume", f"resumed from the checkpoint at step {resume.step}",
-                       {"checkpoint_id": resume.id, "step": resume.step})
-    result = trainer.train()
-    reporter.flush()
-    return (result.metrics if result.status == "completed" else None), result.step
+        handed_back = jobs.hand_back(session, job_id, owner, message)
+    if handed_back:
+        JobQueue(settings).send(job_id)
 
 
-def _stop_also_on(shutdown: threading.Event, reporter: JobReporter):
-    checks_database = reporter.should_stop
-
-    def should_stop() -> bool:
-        if shutdown.is_set() and reporter.stop_reason is None:
-            reporter.stop_reason = StopReason.SHUTDOWN
-        return checks_database() or reporter.stop_reason is not None
-
-    return should_stop
-
-
-def _load_weights(model, path) -> None:
-    loaded, _, _ = load_checkpoint(path)
-    model.load_state_dict(loaded.state_dict())
+def _train(database: Database, settings: Settings, job: Job, reporter: JobReporter,
+           shutdown: threading.Event) -> tuple[dict | None, int]:
+    """Train the job from its latest checkpoint, if any, on one device here or on several in rank processes:
+    (the final metrics, or None if stopped; the step)."""
+    with database.session() as session:
+        inputs = training_inputs(session, settings.storage, job)
+    devices = job_devices(job.spec, settings.worker_concurrency)
+    if inputs.resume_id is not None:
+        reporter.event("resume", f"resumed from the checkpoint at step {inputs.resume_step}",
+                       {"checkpoint_id": inputs.resume_id, "step": inputs.resume_step})
+    if len(devices) == 1:
+        result = train_job(settings.storage, job, inputs, reporter, devices[0])
+        reporter.flush()
+        return (result.metrics if result.status == "completed" else None), result.step
+    prepare_data(job, settings.storage, inputs.corpora)  # once, before the ranks read it
+    reporter.event("devices", f"training on {len(devices)} devices: {', '.join(devices)}", {"devices": devices})
+    outcome = run_ranks(settings, job.id, reporter.owner, devices, shutdown)
+    reporter.stop_reason = outcome.stop_reason and StopReason(outcome.stop_reason)
+    return outcome.metrics, outcome.step

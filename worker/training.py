@@ -1,4 +1,5 @@
-"""From a job's spec to a ready Trainer: tokenizer, data, model and objective, as the job type asks."""
+"""From a job's spec to a trained model: tokenizer, data, model and objective, as the job type asks, then the
+Trainer, resumed from the job's latest checkpoint."""
 
 import json
 from dataclasses import dataclass
@@ -6,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.jobs import JobType
 from core.storage import DataDir
-from core.tables import Job
+from core.tables import Checkpoint, Corpus, Job
 from model import (
     GPT,
     PROMPT_FORMAT,
+    Callback,
     ClassificationObjective,
     GPTClassifier,
     GPTConfig,
@@ -20,12 +24,15 @@ from model import (
     LoRAConfig,
     PretrainObjective,
     TrainConfig,
+    Trainer,
+    TrainResult,
     apply_lora,
     encode_classification,
     encode_instruction,
     freeze_for_finetune,
     get_tokenizer,
     gpt2_tokenizer,
+    has_training_state,
     load_checkpoint,
     open_tokens,
     read_classification_file,
@@ -49,18 +56,43 @@ class Plan:
     prompt_format: str | None = None
 
 
-def pool_device() -> str:
-    """This pool process's device: with one pool process per GPU, the n-th process trains on GPU n."""
+def pool_gpus(worker_concurrency: int) -> list[int]:
+    """The GPUs of this pool process: the worker's GPUs shared out among its worker_concurrency pool processes
+    (several processes share one when there are fewer GPUs than processes); none without CUDA."""
     if not torch.cuda.is_available():
-        return "cpu"
+        return []
     from billiard.process import current_process
 
-    index = getattr(current_process(), "index", 0) or 0
-    return f"cuda:{index % torch.cuda.device_count()}"
+    index = (getattr(current_process(), "index", 0) or 0) % worker_concurrency
+    count = torch.cuda.device_count()
+    if count < worker_concurrency:
+        return [index % count]
+    return list(range(index * count // worker_concurrency, (index + 1) * count // worker_concurrency))
 
 
-def train_config(spec: dict) -> TrainConfig:
-    return TrainConfig.from_values(spec["hyperparameters"], device=pool_device())
+def pool_device(worker_concurrency: int) -> str:
+    """Where this pool process runs work on one device: its first GPU, or the CPU."""
+    gpus = pool_gpus(worker_concurrency)
+    return f"cuda:{gpus[0]}" if gpus else "cpu"
+
+
+def job_devices(spec: dict, worker_concurrency: int) -> list[str]:
+    """The device of each of the job's ranks. On GPUs, `auto` takes as many of this pool process's GPUs as
+    divide the job's gradient accumulation; on a worker without GPUs each rank is a CPU process."""
+    requested, accumulation = spec.get("devices", 1), spec["hyperparameters"]["grad_accum_steps"]
+    gpus = pool_gpus(worker_concurrency)
+    if requested == "auto":
+        requested = max(n for n in range(1, max(len(gpus), 1) + 1) if accumulation % n == 0)
+    if not gpus:
+        return ["cpu"] * requested
+    if requested > len(gpus):
+        raise ValueError(f"the job asks for {requested} devices; this worker process has {len(gpus)} GPU(s) "
+                         f"({torch.cuda.device_count()} GPUs shared by worker_concurrency {worker_concurrency})")
+    return [f"cuda:{i}" for i in gpus[:requested]]
+
+
+def train_config(spec: dict, device: str) -> TrainConfig:
+    return TrainConfig.from_values(spec["hyperparameters"], device=device)
 
 
 def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
@@ -85,21 +117,29 @@ def corpus_tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
     return open_tokens(out)
 
 
-def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path) -> Plan:
-    spec, hp = job.spec, job.spec["hyperparameters"]
+def _pretrain_tokens(job: Job, storage: DataDir, corpora: dict, work: Path):
+    """(the tokenizer, the corpus's token ids, the validation corpus's or None), tokenized once."""
     text_path = storage.corpus_file(job.corpus_id, corpora[job.corpus_id])
-    tokenizer = _pretrain_tokenizer(spec, text_path, work)
+    tokenizer = _pretrain_tokenizer(job.spec, text_path, work)
+    tokens = corpus_tokens(text_path, tokenizer, work / "train.bin")
+    if not job.validation_corpus_id:
+        return tokenizer, tokens, None
+    val_path = storage.corpus_file(job.validation_corpus_id, corpora[job.validation_corpus_id])
+    return tokenizer, tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
+
+
+def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path, device: str) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    tokenizer, tokens, val_tokens = _pretrain_tokens(job, storage, corpora, work)
     config = GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size})
     block = hp["block_size"] or config.context_length
-    tokens = corpus_tokens(text_path, tokenizer, work / "train.bin")
-    if job.validation_corpus_id:
-        val_path = storage.corpus_file(job.validation_corpus_id, corpora[job.validation_corpus_id])
-        train, val = tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
+    if val_tokens is not None:
+        train, val = tokens, val_tokens
     else:
         train, val = split_tokens(tokens, spec["validation_fraction"], block)
     objective = PretrainObjective(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed,
                                   stride=hp["stride"])
-    return Plan(GPT(config), objective, train_config(spec), tokenizer)
+    return Plan(GPT(config), objective, train_config(spec, device), tokenizer)
 
 
 def _base(storage: DataDir, base_path: str):
@@ -111,7 +151,7 @@ def _lora(spec: dict) -> LoRAConfig | None:
     return LoRAConfig(**spec["lora"]) if spec.get("lora") else None
 
 
-def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str) -> Plan:
+def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str, device: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
     base, tokenizer, _ = _base(storage, base_path)
     data = read_classification_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
@@ -134,10 +174,10 @@ def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str) 
         apply_lora(model, lora, trainable=(model.head,))
     else:
         freeze_for_finetune(model, spec["trainable_blocks"])
-    return Plan(model, objective, train_config(spec), tokenizer, label_names=list(data.label_names), lora=lora)
+    return Plan(model, objective, train_config(spec, device), tokenizer, label_names=list(data.label_names), lora=lora)
 
 
-def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str) -> Plan:
+def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str, device: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
     model, tokenizer, _ = _base(storage, base_path)
     records = read_instruction_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
@@ -160,16 +200,67 @@ def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str) ->
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora)
-    return Plan(model, objective, train_config(spec), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
+    return Plan(model, objective, train_config(spec, device), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
 
 
-def plan_job(job: Job, storage: DataDir, corpora: dict[str, str], base_path: str | None) -> Plan:
+def plan_job(job: Job, storage: DataDir, corpora: dict[str, str], base_path: str | None, device: str) -> Plan:
     """corpora maps the job's corpus ids to their formats; base_path is the base checkpoint's directory
-    relative to the data dir (finetunes)."""
+    relative to the data dir (finetunes); device is where this process trains."""
+    torch.manual_seed(job.seed)  # new weights (a model, a classifier's head, LoRA's) are the job's own
     work = storage.job_work_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
     if job.type == JobType.PRETRAIN:
-        return _plan_pretrain(job, storage, corpora, work)
+        return _plan_pretrain(job, storage, corpora, work, device)
     if job.type == JobType.FINETUNE_CLASSIFIER:
-        return _plan_classifier(job, storage, corpora, base_path)
-    return _plan_instruct(job, storage, corpora, base_path)
+        return _plan_classifier(job, storage, corpora, base_path, device)
+    return _plan_instruct(job, storage, corpora, base_path, device)
+
+
+def prepare_data(job: Job, storage: DataDir, corpora: dict[str, str]) -> None:
+    """Write the files a job's plan reads, once: a pretraining job's tokenizer and token files. Ranks that
+    plan the same job at the same time then only read them."""
+    if job.type == JobType.PRETRAIN:
+        work = storage.job_work_dir(job.id)
+        work.mkdir(parents=True, exist_ok=True)
+        _pretrain_tokens(job, storage, corpora, work)
+
+
+@dataclass
+class TrainingInputs:
+    """What the database says a training job starts from."""
+
+    corpora: dict[str, str]  # corpus id -> format
+    base_id: str | None = None
+    base_path: str | None = None
+    resume_id: str | None = None  # the job's latest checkpoint that holds its training state
+    resume_step: int = 0
+    resume_path: str | None = None
+
+
+def training_inputs(session: Session, storage: DataDir, job: Job) -> TrainingInputs:
+    corpus_ids = [i for i in (job.corpus_id, job.validation_corpus_id) if i]
+    inputs = TrainingInputs(dict(session.execute(select(Corpus.id, Corpus.format).where(Corpus.id.in_(corpus_ids)))
+                                 .all()))
+    if job.base_checkpoint_id:
+        base = session.get(Checkpoint, job.base_checkpoint_id)
+        inputs.base_id, inputs.base_path = base.id, base.path
+    for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)
+                                      .order_by(Checkpoint.step.desc())):
+        if has_training_state(storage.checkpoint_dir(checkpoint.path)):
+            inputs.resume_id, inputs.resume_step, inputs.resume_path = checkpoint.id, checkpoint.step, checkpoint.path
+            break
+    return inputs
+
+
+def train_job(storage: DataDir, job: Job, inputs: TrainingInputs, callback: Callback, device: str) -> TrainResult:
+    """Train the job on device (in every rank's process, for a job on several devices), from its latest
+    checkpoint if it has one."""
+    plan = plan_job(job, storage, inputs.corpora, inputs.base_path, device)
+    trainer = Trainer(plan.model, plan.objective, plan.config, plan.tokenizer, storage.job_checkpoints_dir(job.id),
+                      callback, seed=job.seed, label_names=plan.label_names, lora=plan.lora, parent=inputs.base_id,
+                      prompt_format=plan.prompt_format)
+    if inputs.resume_path is not None:
+        resume_dir = storage.checkpoint_dir(inputs.resume_path)
+        plan.model.load_state_dict(load_checkpoint(resume_dir)[0].state_dict())
+        trainer.resume(resume_dir)
+    return trainer.train()

@@ -1,5 +1,5 @@
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -7,6 +7,7 @@ from app.schemas.common import Strict, one_of
 from core.jobs import TRAINING, JobStatus, JobType
 from model import LoRAConfig, TrainConfig
 from model.lora import LORA_TARGETS
+from model.parallel import micro_batches
 
 TrainingJobType = one_of(*TRAINING)
 JobTypeName = one_of(*JobType)  # evaluate jobs are created by POST /v1/evaluations
@@ -88,6 +89,17 @@ class JobCreate(Strict):
     lora: LoRASpec | None = None
     mask_prompt: bool = False
     seed: int = Field(1, ge=0, le=2**31 - 1)
+    devices: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(1, description=(
+        "processes training the job together (torch.distributed): GPUs of the worker, or CPU processes on a "
+        "worker without GPUs; auto: every GPU of the worker that the gradient accumulation divides among. The "
+        "devices share each step's grad_accum_steps micro-batches, so the global batch stays batch_size x "
+        "grad_accum_steps"))
+
+    @model_validator(mode="after")
+    def _devices_share_the_accumulation(self):
+        if self.devices != "auto":
+            micro_batches(0, self.hyperparameters.grad_accum_steps, 0, self.devices)  # its error names both
+        return self
 
     @model_validator(mode="after")
     def _fields_of_the_type(self):

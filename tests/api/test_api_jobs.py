@@ -215,6 +215,10 @@ INVALID = [  # (id, changes to the README request, or a function of the fixture'
     ("bad_lora_target", lambda ids: {"type": "finetune_instruct", "corpus_id": ids["instruction"],
                                      "base_checkpoint_id": ids["lm"], "model": None, "tokenizer": None,
                                      "lora": {"targets": ["wte"]}}, ("lora.targets",), None),
+    ("devices_not_dividing_the_accumulation", {"devices": 2},
+     ("grad_accum_steps (1) must be a multiple of the number of devices (2)",), None),
+    ("no_devices", {"devices": 0}, ("devices: Input should be greater than or equal to 1",), "devices"),
+    ("devices_by_name", {"devices": "all"}, ("devices",), "devices"),
 ]
 
 

@@ -68,6 +68,7 @@ def _rank(rank: int, world: int, port: int, run: Run) -> None:
         outcome = train(run, rank)
     finally:
         dist.destroy_process_group()
+    Path(run.out_dir).mkdir(parents=True, exist_ok=True)  # (rank 0's checkpoints make it, maybe not yet)
     (Path(run.out_dir) / f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
