@@ -9,6 +9,7 @@ logits, and the backward is softmax(logits) - one_hot(target): one softmax pass 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MAX_LOG_PERPLEXITY = 700.0  # e^700 is about 1e304: past it a float overflows
@@ -37,8 +38,16 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of logits [N, V] against targets [N] over the targets that are not
-    ignore_index; equals F.cross_entropy, but 0 rather than NaN when all are ignored. Computed in fp32."""
-    return _CrossEntropy.apply(logits.float(), targets, ignore_index)
+    ignore_index; equals F.cross_entropy, but 0 rather than NaN when all are ignored. Computed in fp32.
+
+    The hand-written backward is for eager CPU training. Under torch.compile, and on a GPU, the library's
+    cross-entropy is used instead: the compiler fuses it with the softmax (the hand-written version made a
+    compiled CPU step about 10% slower than plain F.cross_entropy), and CUDA has its own fused kernels."""
+    logits = logits.float()
+    if logits.is_cuda or torch.compiler.is_compiling():
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / n_valid
+    return _CrossEntropy.apply(logits, targets, ignore_index)
 
 
 def perplexity(mean_loss: float) -> float:

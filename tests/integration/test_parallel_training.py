@@ -18,6 +18,8 @@ from model import GPT, Callback, GPTConfig, PretrainObjective, TrainConfig, Trai
 
 CONFIG = dict(vocab_size=50257, context_length=16, n_layer=2, n_head=2, n_embd=32)
 STEPS = 6
+# bench/gpu_check.py runs the first test on two GPUs (NCCL) with this set to cuda
+DEVICE = os.environ.get("SCRATCHLLM_PARALLEL_TEST_DEVICE", "cpu")
 
 
 @dataclass
@@ -49,7 +51,7 @@ def train(run: Run, rank: int = 0) -> dict:
     tokens = np.random.default_rng(0).integers(0, 50257, 4000).astype(np.uint16)
     objective = PretrainObjective(tokens[:3500], tokens[3500:], block_size=16, batch_size=2, seed=7)
     config = TrainConfig(max_steps=STEPS, learning_rate=3e-3, grad_accum_steps=4, eval_interval=0,
-                         eval_batches=2, checkpoint_interval=3, device="cpu")
+                         eval_batches=2, checkpoint_interval=3, device=f"cuda:{rank}" if DEVICE == "cuda" else "cpu")
     recorder = Recorder(run.stop_at)
     trainer = Trainer(model, objective, config, gpt2_tokenizer(), Path(run.out_dir) / f"rank{rank}", recorder,
                       seed=5)
@@ -63,7 +65,10 @@ def train(run: Run, rank: int = 0) -> dict:
 
 def _rank(rank: int, world: int, port: int, run: Run) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
     try:
         outcome = train(run, rank)
     finally:
