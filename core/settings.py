@@ -24,7 +24,8 @@ class Settings(BaseSettings):
                                                       "`scratchllm up` on a loopback address sets)")
     max_request_bytes: int = Field(1024**2, gt=0, description="the largest request body but an upload's")
     max_connections: int = Field(512, ge=1, description="concurrent connections the API serves; past it, 503")
-    worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker: one per GPU")
+    worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker; its GPUs are shared out among "
+                                    "them, and a job's devices take several")
     worker_soft_shutdown_s: float = Field(60.0, gt=0)
     distributed_timeout_s: float = Field(600.0, gt=0, description=(
         "how long the ranks of a job on several devices wait for each other (a collective, rank 0 writing a "
