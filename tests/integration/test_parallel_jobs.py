@@ -65,12 +65,17 @@ def test_a_job_on_two_devices_takes_the_steps_of_one_and_rank_0_alone_reports(se
     assert rank_processes(two["id"]) == {}
 
 
+def two_device_job_running(running, shared_data, steps: int, checkpoint_interval: int, past_step: int) -> dict:
+    """A worker, and a pretraining job on two devices that has passed past_step."""
+    running.start_worker()
+    verdict = running.upload(shared_data / "the-verdict.txt", "text")
+    job = running.submit(**pretrain_request(verdict, max_steps=steps, grad_accum_steps=2,
+                                            checkpoint_interval=checkpoint_interval, eval_interval=0), devices=2)
+    return running.wait_for(job["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= past_step)
+
+
 def test_a_cancel_stops_every_rank_within_seconds(service, shared_data):  # noqa: F811
-    service.start_worker()
-    verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=100_000, grad_accum_steps=2, checkpoint_interval=0,
-                                            eval_interval=0), devices=2)
-    service.wait_for(job["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
+    job = two_device_job_running(service, shared_data, steps=100_000, checkpoint_interval=0, past_step=2)
     assert sorted(rank_processes(job["id"])) == [0, 1]
     asked = time.monotonic()
     assert service.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
@@ -82,11 +87,7 @@ def test_a_cancel_stops_every_rank_within_seconds(service, shared_data):  # noqa
 
 
 def test_a_rank_killed_hands_the_job_back_and_it_resumes(service, shared_data):  # noqa: F811
-    service.start_worker()
-    verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=16, grad_accum_steps=2, checkpoint_interval=4,
-                                            eval_interval=0), devices=2)
-    service.wait_for(job["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 6)
+    job = two_device_job_running(service, shared_data, steps=16, checkpoint_interval=4, past_step=6)
     os.kill(rank_processes(job["id"])[1], signal.SIGKILL)  # as the out-of-memory killer would
     done = service.wait_until_done(job["id"])
     assert done["status"] == "succeeded" and done["attempts"] == 2
