@@ -8,6 +8,19 @@
     scratchllm keys create --name N [--scope read|train|admin]   create an API key (printed once)
     scratchllm demo [--steps N] [--text FILE] [--out DIR]
 
+The client of a running server (SCRATCHLLM_URL and SCRATCHLLM_API_KEY, or --url and --api-key):
+
+    scratchllm corpora upload FILE --kind text|classification|instruction    (with a progress bar)
+    scratchllm corpora list
+    scratchllm jobs start [--file job.yaml] [--type T] [--corpus ID] [--base CKPT] [--steps N] ... [--follow]
+    scratchllm jobs follow|show|cancel JOB    scratchllm jobs list [--status S] [--type T]
+    scratchllm checkpoints list [--job JOB]
+    scratchllm deploy NAME CHECKPOINT [--default] [--device D] [--dtype T]
+    scratchllm generate PROMPT [--deployment NAME] [--max-tokens N] [--temperature T]
+    scratchllm chat [--deployment NAME]       scratchllm classify TEXT... [--deployment NAME]
+
+Every client command takes --json. Exit status: 0 done, 1 refused or failed (a job that failed), 3 a job cancelled.
+
 `demo` trains a byte-level BPE tokenizer and a tiny GPT on a text (a bundled sample by default) on this
 machine's CPU, saves a checkpoint, loads it back and streams a sample from it.
 """
@@ -23,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 
 from core.enums import KeyScope
+from scratchllm.client import add_commands as add_client_commands
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -227,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     create_parser.add_argument("--name", required=True)
     create_parser.add_argument("--scope", choices=[scope.value for scope in KeyScope], default=KeyScope.ADMIN.value)
     create_parser.set_defaults(handler=keys_create)
+    add_client_commands(commands)
     args = parser.parse_args(argv)
     args.handler(args)
 
