@@ -15,6 +15,7 @@ The client of a running server (SCRATCHLLM_URL and SCRATCHLLM_API_KEY, or --url 
     scratchllm jobs start [--file job.yaml] [--type T] [--corpus ID] [--base CKPT] [--steps N] ... [--follow]
     scratchllm jobs follow|show|cancel JOB    scratchllm jobs list [--status S] [--type T]
     scratchllm checkpoints list [--job JOB]
+    scratchllm evaluate CHECKPOINT --corpus ID [--follow]    scratchllm compare --corpus ID | --ids EVAL...
     scratchllm deploy NAME CHECKPOINT [--default] [--device D] [--dtype T]
     scratchllm generate PROMPT [--deployment NAME] [--max-tokens N] [--temperature T]
     scratchllm chat [--deployment NAME]       scratchllm classify TEXT... [--deployment NAME]

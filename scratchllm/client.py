@@ -164,6 +164,41 @@ def jobs_cancel(client: Client, args: argparse.Namespace) -> None:
     _show(args, job, f"job {job['id']}: {job['status']}{' (cancel requested)' if job['cancel_requested'] else ''}")
 
 
+# -- evaluations ---------------------------------------------------------------------------------------------------
+
+def evaluate(client: Client, args: argparse.Namespace) -> int:
+    body = {"checkpoint_id": args.checkpoint, "corpus_id": args.corpus,
+            **({"max_examples": args.max_examples} if args.max_examples else {})}
+    evaluation = client.call("POST", "/v1/evaluations", json=body)
+    errors.print(f"evaluation {evaluation['id']} queued (job {evaluation['job_id']})")
+    if not args.follow:
+        return _show(args, evaluation, evaluation["id"])
+    status = follow(client, evaluation["job_id"])
+    evaluation = client.call("GET", f"/v1/evaluations/{evaluation['id']}")
+    metrics = {k: v for k, v in (evaluation["metrics"] or {}).items() if isinstance(v, int | float)}
+    _show(args, evaluation, "  ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    return status
+
+
+def compare(client: Client, args: argparse.Namespace) -> None:
+    params = {"ids": ",".join(args.ids)} if args.ids else {"corpus_id": args.corpus}
+    comparison = client.call("GET", "/v1/evaluations/compare", params=params)
+    if args.json:
+        console.print_json(json.dumps(comparison))
+        return
+    rows = []
+    for row in comparison["rows"]:
+        cells = {"evaluation": row["evaluation_id"], "checkpoint": row["checkpoint_id"], "step": row["checkpoint_step"]}
+        for name in comparison["metrics"]:
+            value = (row["metrics"] or {}).get(name)
+            best = comparison["best"].get(name) == row["evaluation_id"]
+            cells[name] = None if not isinstance(value, int | float) else f"{value:.4g}{' *' if best else ''}"
+        rows.append(cells)
+    _table(args, rows, ["evaluation", "checkpoint", "step", *comparison["metrics"]])
+    for note in comparison["notes"]:
+        errors.print(note)
+
+
 # -- checkpoints, deployments, inference -------------------------------------------------------------------------
 
 def checkpoints_list(client: Client, args: argparse.Namespace) -> None:
@@ -300,6 +335,16 @@ def add_commands(commands) -> None:
     listing = command(checkpoints, "list", checkpoints_list, "list checkpoints")
     listing.add_argument("--job")
     listing.add_argument("--limit", type=int, default=50)
+
+    evaluating = command(commands, "evaluate", evaluate, "score a checkpoint on a corpus")
+    evaluating.add_argument("checkpoint")
+    evaluating.add_argument("--corpus", required=True)
+    evaluating.add_argument("--max-examples", type=int)
+    evaluating.add_argument("--follow", action="store_true", help="show its progress, then its numbers")
+    comparing = command(commands, "compare", compare, "checkpoints x metrics, the best of each marked *")
+    which = comparing.add_mutually_exclusive_group(required=True)
+    which.add_argument("--corpus", help="every finished evaluation on this corpus")
+    which.add_argument("--ids", nargs="+", help="these evaluations")
 
     deploying = command(commands, "deploy", deploy, "serve a checkpoint under a deployment name, and wait for it")
     deploying.add_argument("name")

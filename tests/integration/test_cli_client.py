@@ -72,6 +72,10 @@ def test_a_model_trained_deployed_and_generated_from_without_curl(server, shared
     assert [(j["status"], j["progress"]["step"]) for j in jobs] == [("succeeded", 12)]
     checkpoint = as_json(cli(server, "checkpoints", "list", "--json"))[0]
     assert checkpoint["job_id"] == jobs[0]["id"] and checkpoint["step"] == 12
+    evaluated = cli(server, "evaluate", checkpoint["id"], "--corpus", corpus["id"], "--follow")
+    assert evaluated.returncode == 0 and re.search(r"loss [\d.]+ +perplexity", evaluated.stdout), evaluated
+    compared = cli(server, "compare", "--corpus", corpus["id"])
+    assert compared.returncode == 0 and checkpoint["id"][:12] in compared.stdout and " *" in compared.stdout
     deployed = cli(server, "deploy", "verdict", checkpoint["id"])
     assert deployed.returncode == 0 and "ready" in deployed.stdout and "cpu float32" in deployed.stdout
     generated = cli(server, "generate", "I had always", "--max-tokens", "8")
