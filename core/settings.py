@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,8 @@ class Settings(BaseSettings):
                                                       "`scratchllm up` on a loopback address sets)")
     max_request_bytes: int = Field(1024**2, gt=0, description="the largest request body but an upload's")
     max_connections: int = Field(512, ge=1, description="concurrent connections the API serves; past it, 503")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
+        "what the API and the worker log; `scratchllm up` writes it to logs/scratchllm.log in the data dir"))
     worker_concurrency: int = Field(1, ge=1, description="jobs at once per worker; its GPUs are shared out among "
                                     "them, and a job's devices take several")
     worker_soft_shutdown_s: float = Field(60.0, gt=0)

@@ -29,9 +29,12 @@ machine's CPU, saves a checkpoint, loads it back and streams a sample from it.
 import argparse
 import contextlib
 import ctypes
+import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -151,7 +154,7 @@ def worker(_args: argparse.Namespace) -> None:
         clear_stale_bindings(settings)
     celery.worker_main(["worker", "--pool=prefork", f"--concurrency={settings.worker_concurrency}",
                         f"--queues={settings.training_queue}",
-                        "--loglevel=INFO", "--without-gossip", "--without-mingle"])
+                        f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"])
 
 
 def up(args: argparse.Namespace) -> None:
@@ -174,11 +177,20 @@ def up(args: argparse.Namespace) -> None:
     os.environ["SCRATCHLLM_DATA_DIR"] = str(settings.data_dir)  # the worker sees the same folder
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
-    worker_process = start_child([sys.executable, "-m", "scratchllm", "worker"])
-    print(f"ScratchLLM at http://{args.host}:{args.port} (data in {settings.data_dir}; worker pid "
-          f"{worker_process.pid}); Ctrl-C stops everything", flush=True)
+    log_path = settings.data_dir / "logs" / "scratchllm.log"
+    log_path.parent.mkdir(exist_ok=True)
+    # the terminal gets a summary; the API's and the worker's logs (Celery's banner included) go to the file
+    logging.basicConfig(filename=log_path, level=settings.log_level, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_start = log_path.stat().st_size
+    with open(log_path, "ab") as log_file:
+        worker_process = start_child([sys.executable, "-m", "scratchllm", "worker"], stdout=log_file,
+                                     stderr=subprocess.STDOUT)
+    url = f"http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}"
+    threading.Thread(target=_greet, args=(url, settings, log_path, log_start, worker_process), daemon=True).start()
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, limit_concurrency=settings.max_connections)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, limit_concurrency=settings.max_connections,
+                    log_config=None)
     finally:
         worker_process.terminate()
         try:
@@ -186,6 +198,35 @@ def up(args: argparse.Namespace) -> None:
         except subprocess.TimeoutExpired:
             worker_process.kill()
             worker_process.wait()
+
+
+def _greet(url: str, settings, log_path: Path, log_start: int, worker_process) -> None:
+    """Once the API answers, what a new user needs to know; then a line when the worker is ready."""
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
+                break
+        time.sleep(0.2)
+    keys = ("required: make one with `scratchllm keys create --name me`" if settings.api_keys_required
+            else "not needed: this machine only")
+    print(f"ScratchLLM is running at {url}\n"
+          f"  API docs   {url}/docs\n"
+          f"  data       {settings.data_dir}\n"
+          f"  logs       {log_path} (SCRATCHLLM_LOG_LEVEL={settings.log_level})\n"
+          f"  API keys   {keys}\n"
+          f"  client     scratchllm corpora upload FILE --kind text, then scratchllm --help\n"
+          f"Ctrl-C stops everything.", flush=True)
+    while time.monotonic() < deadline + 120 and worker_process.poll() is None:
+        with open(log_path, "rb") as log:
+            log.seek(log_start)
+            if re.search(rb"celery@\S+ ready", log.read()):
+                print(f"Worker ready (pid {worker_process.pid}): jobs will run.", flush=True)
+                return
+        time.sleep(0.5)
+    print(f"The worker is not ready: see {log_path}", flush=True)
 
 
 def db_upgrade(_args: argparse.Namespace) -> None:

@@ -24,12 +24,12 @@ def alive(pid: int) -> bool:
 
 
 def start_up(tmp_path, port: int) -> subprocess.Popen:
-    """`scratchllm up` started in tmp_path (where a .env file may wait)."""
+    """`scratchllm up` started in tmp_path (where a .env file may wait); what it prints goes to tmp_path/up.out."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCRATCHLLM_")}
     env["SCRATCHLLM_WORKER_SOFT_SHUTDOWN_S"] = "5"
-    up = subprocess.Popen([sys.executable, "-m", "scratchllm", "up", "--port", str(port), "--data-dir",
-                           str(tmp_path / "data")], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    with open(tmp_path / "up.out", "w") as out:
+        up = subprocess.Popen([sys.executable, "-m", "scratchllm", "up", "--port", str(port), "--data-dir",
+                               str(tmp_path / "data")], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -70,6 +70,16 @@ def test_up_serves_with_a_worker_and_ctrl_c_leaves_nothing_running(tmp_path):
     try:
         assert (tmp_path / "data" / "scratchllm.db").is_file()
         assert status_of(f"http://127.0.0.1:{port}/v1/jobs") == 200  # its one local user needs no key
+        deadline = time.monotonic() + 60
+        while "Worker ready" not in (printed := (tmp_path / "up.out").read_text()):
+            assert time.monotonic() < deadline, printed
+            time.sleep(0.3)
+        # a summary for the user; Celery's banner and the access log go to the log file
+        assert f"ScratchLLM is running at http://localhost:{port}" in printed and f"{port}/docs" in printed
+        assert str(tmp_path / "data") in printed and "not needed" in printed
+        assert "celery@" not in printed and "GET /v1/jobs" not in printed and "superuser" not in printed.lower()
+        logged = (tmp_path / "data" / "logs" / "scratchllm.log").read_text()
+        assert "celery@" in logged and '"GET /v1/jobs HTTP/1.1" 200' in logged
         descendants = worker_processes(up)
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
