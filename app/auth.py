@@ -29,8 +29,16 @@ from core.tables import ApiKey
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most this often
 # what anyone may read: liveness, readiness without names, and the API's description (the same for every server)
 PUBLIC_PATHS = frozenset({"/livez", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+DASHBOARD_PAGE, DASHBOARD_ASSETS = "/", "/ui/"
 # the most a request needs in open mode: everything but managing keys
 OPEN_MODE_SCOPE = KeyScope.DEPLOY
+
+
+def is_public(method: str, path: str) -> bool:
+    """Whether a request needs no key: the health checks, the API's description, and the dashboard's page and
+    assets (it asks for a key itself, and every call it makes sends one)."""
+    dashboard = method in ("GET", "HEAD") and (path == DASHBOARD_PAGE or path.startswith(DASHBOARD_ASSETS))
+    return path in PUBLIC_PATHS or dashboard
 
 
 def is_loopback_host(host: str) -> bool:
@@ -65,7 +73,7 @@ class Authenticate:
         self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         try:

@@ -19,6 +19,7 @@ from app.routers import (
     checkpoints,
     classify,
     corpora,
+    dashboard,
     deployments,
     evaluations,
     generation,
@@ -67,11 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkpoints.router)
     app.include_router(evaluations.router)
     app.include_router(keys.router)
+    app.include_router(keys.caller_router)
     app.include_router(deployments.router)
     app.include_router(generation.router)
     app.include_router(classify.router)
     app.include_router(openai_compat.router)
     app.include_router(generation.router, prefix="/d/{deployment}")
+    app.include_router(dashboard.router)
+    dashboard.mount_assets(app)
     # the last added runs first: count every request, then know the caller, then read a bounded body
     app.add_middleware(LimitBodies, limit=settings.max_request_bytes)
     app.add_middleware(Authenticate, settings=settings)

@@ -1,16 +1,27 @@
 """API keys (admin scope): create (the key is shown once), list, revoke."""
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
-from app.auth import Admin
+from app.auth import OPEN_MODE_SCOPE, Admin, reader
 from app.deps import PageDep, SessionDep
 from app.schemas.common import Page
-from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
+from app.schemas.keys import Caller, KeyCreate, KeyCreated, KeyOut
 from core.keys import create_key, revoke_key
 from core.tables import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], dependencies=[Admin])
+caller_router = APIRouter(prefix="/v1", tags=["api keys"])
+
+
+@caller_router.get("/me", response_model=Caller)
+def me(api_key: Annotated[ApiKey | None, Depends(reader)]) -> Caller:
+    """Who is calling: the key's name and scope (what the dashboard may offer), or the open mode's scope."""
+    if api_key is None:
+        return Caller(scope=OPEN_MODE_SCOPE, key_name=None, open_mode=True)
+    return Caller(scope=api_key.scope, key_name=api_key.name, open_mode=False)
 
 
 @router.post("", status_code=201, response_model=KeyCreated)

@@ -16,6 +16,13 @@ class KeyCreate(BaseModel):
     scope: Scope = KeyScope.READ.value
 
 
+class Caller(BaseModel):
+    object: Literal["caller"] = "caller"
+    scope: Scope
+    key_name: str | None
+    open_mode: bool  # no keys on this server: its one local user
+
+
 class KeyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -71,6 +71,21 @@ def test_the_openapi_document_declares_the_key_and_the_only_503s(keyed):
           and "classify" not in route)}
 
 
+def test_the_dashboard_is_public_but_what_it_calls_is_not(keyed):
+    page = keyed.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"] and "/ui/app.js" in page.text
+    for asset in ("/ui/app.js", "/ui/style.css", "/ui/vendor/uplot/uPlot.iife.min.js", "/ui/vendor/uplot/LICENSE"):
+        assert keyed.get(asset).status_code == 200, asset
+    assert_error(keyed.post("/", json={"inputs": "x"}), 401)  # TGI's POST / is generation: it needs a key
+    assert_error(keyed.get("/v1/me"), 401)
+    for outside in ("/ui/%2e%2e/auth.py", "/ui/..%2Frouters%2Fkeys.py", "/ui/vendor/%2e%2e/%2e%2e/main.py"):
+        assert keyed.get(outside).status_code == 404, outside  # nothing beyond the dashboard's folder
+    reader = create_api_key(keyed.app, "read", name="a reader")
+    assert keyed.get("/v1/me", headers=bearer(reader)).json() == {
+        "object": "caller", "scope": "read", "key_name": "a reader", "open_mode": False}
+
+
 def test_open_mode_answers_only_local_requests_to_a_local_host(api):
     assert api.get("/v1/corpora").status_code == 200
     app = api.app

@@ -1,0 +1,88 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against a live API and worker: pages
+load without console errors, a job's chart draws new points while it trains, and a read key cannot use the
+controls that change state. SCRATCHLLM_SCREENSHOT_DIR=docs/screenshots keeps the screenshots for the docs."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from core.db import Database
+from core.enums import KeyScope
+from core.keys import create_key
+from tests.integration.test_cli_client import as_json, cli, server  # noqa: F401 (the fixture, asked for by name)
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+
+
+def browser_page(playwright, url: str, key: str, errors: list[str]):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(f"localStorage.setItem('scratchllm.key', {key!r})")  # entered once, kept
+    page = context.new_page()
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    return browser, page
+
+
+def wait_for(page, expression: str, timeout_s: float = 30):
+    """The expression's value once truthy (polled from here: the page's CSP forbids what wait_for_function evals)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := page.evaluate(expression)):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.2)
+    return value
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    if directory := os.environ.get("SCRATCHLLM_SCREENSHOT_DIR"):
+        shutil.copy(path, Path(directory) / path.name)
+
+
+def read_key(server) -> str:  # noqa: F811
+    database = Database(server["SCRATCHLLM_DATABASE_URL"])
+    with database.session() as session:
+        _, key = create_key(session, "a reader", KeyScope.READ)
+    database.dispose()
+    return key
+
+
+def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, shared_data, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    corpus = as_json(cli(server, "corpora", "upload", str(shared_data / "the-verdict.txt"), "--kind", "text",
+                         "--json"))["id"]
+    job = as_json(cli(server, "jobs", "start", "--corpus", corpus, "--preset", "nano", "--steps", "300",
+                      "--batch-size", "4", "--name", "verdict-nano", "--json"))["id"]
+    url = server["SCRATCHLLM_URL"]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright, url, server["SCRATCHLLM_API_KEY"], errors)
+        page.wait_for_selector(f'tr[data-job="{job}"]')
+        assert "cli tests: deploy" in page.inner_text("#who")
+        page.click(f'tr[data-job="{job}"] a')
+        points = "window.dashboard.charts.loss ? window.dashboard.charts.loss.data[0].length : 0"
+        drawn = wait_for(page, f"({points}) > 2 && ({points})", timeout_s=60)
+        wait_for(page, f"({points}) > {drawn}")  # new points while it trains
+        assert page.is_enabled("text=Cancel") and page.inner_text("#problem") == ""
+        screenshot(page, tmp_path, "job")
+        page.goto(url + "#/runs")
+        page.wait_for_selector(f'tr[data-job="{job}"]')
+        screenshot(page, tmp_path, "runs")
+        browser.close()
+
+        browser, page = browser_page(playwright, f"{url}#/jobs/{job}", read_key(server), errors)
+        page.wait_for_selector("text=Cancel")
+        wait_for(page, "document.querySelector('#who').textContent.includes('read')")
+        time.sleep(0.5)  # a refresh has set the controls
+        assert page.is_disabled("text=Cancel") and page.inner_text("#problem") == ""
+        browser.close()
+    assert errors == [], errors
+    cancelled = cli(server, "jobs", "cancel", job)
+    assert cancelled.returncode == 0
