@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.db import Database
 from core.enums import KeyScope
@@ -86,3 +87,54 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
     assert errors == [], errors
     cancelled = cli(server, "jobs", "cancel", job)
     assert cancelled.returncode == 0
+
+
+def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(server, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    from model import GPT, GPTClassifier
+    from tests.helpers import TINY_LM, register_model
+    from tests.integration.test_faults import settings_of
+
+    settings = settings_of(server)
+    torch.manual_seed(0)
+    lm = register_model(settings, GPT(TINY_LM).eval())
+    spam = register_model(settings, GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
+    for name, checkpoint in (("tiny", lm), ("spam", spam)):
+        assert cli(server, "deploy", name, checkpoint).returncode == 0
+    url = server["SCRATCHLLM_URL"]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright, url + "#/playground", server["SCRATCHLLM_API_KEY"], errors)
+        page.wait_for_selector("select[aria-label='deployment']")
+        page.select_option("select[aria-label='deployment']", "tiny")
+        page.wait_for_selector("button:has-text('Generate')")
+        page.fill("input[aria-label='max new tokens']", "300")
+        page.fill("input[aria-label='temperature']", "0")
+        page.click("button:has-text('Generate')")
+        lengths = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(lengths) < 3:
+            lengths.add(page.evaluate("document.getElementById('output').textContent.length"))
+            time.sleep(0.02)
+        assert len(lengths - {0}) >= 2, lengths  # the text grew while it streamed
+        screenshot(page, tmp_path, "playground")
+        page.select_option("select[aria-label='deployment']", "spam")
+        page.click("button:has-text('Classify')")
+        page.wait_for_selector("tr[data-label='spam']")
+        assert {page.inner_text("tr[data-label='ham'] td"), page.inner_text("tr[data-label='spam'] td")} == {
+            "ham", "spam"}
+        page.goto(url + "#/deployments")
+        page.wait_for_selector("tr[data-deployment='tiny']")
+        assert page.is_enabled("tr[data-deployment='tiny'] >> text=Serve it")
+        screenshot(page, tmp_path, "deployments")
+        browser.close()
+
+        browser, page = browser_page(playwright, url + "#/deployments", read_key(server), errors)
+        page.wait_for_selector("tr[data-deployment='tiny']")
+        wait_for(page, "document.querySelector('#who').textContent.includes('read')")
+        page.evaluate("window.dispatchEvent(new HashChangeEvent('hashchange'))")  # drawn again, knowing the scope
+        page.wait_for_selector("tr[data-deployment='tiny']")
+        assert page.is_disabled("tr[data-deployment='tiny'] >> text=Serve it")
+        browser.close()
+    assert errors == [], errors
