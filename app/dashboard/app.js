@@ -180,6 +180,77 @@ async function jobPage(jobId) {
   await repeat(render);
 }
 
+// -- a new run ----------------------------------------------------------------------------------------------------
+
+const CORPUS_KIND = { pretrain: "text", finetune_classifier: "classification", finetune_instruct: "instruction" };
+const bytes = (n) => { let v = n; for (const unit of ["B", "KiB", "MiB", "GiB", "TiB"]) { if (v < 1024) return `${v.toFixed(1)} ${unit}`; v /= 1024; } return `${v.toFixed(1)} PiB`; };
+
+async function newRunPage() {
+  const [corpora, checkpoints, presets] = await Promise.all([api("/v1/corpora?limit=100"),
+    api("/v1/checkpoints?limit=100"), api("/v1/jobs/presets")]);
+  const input = (name, attributes) => el("input", { name, "aria-label": name, ...attributes });
+  const form = {
+    type: el("select", { name: "type", "aria-label": "type" }, Object.keys(CORPUS_KIND).map((t) => el("option", { value: t }, t))),
+    name: input("name", { type: "text", placeholder: "optional" }),
+    corpus: el("select", { name: "corpus", "aria-label": "corpus" }),
+    preset: el("select", { name: "preset", "aria-label": "preset" }, presets.data.map((p) => el("option", { value: p.name },
+      `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))),
+    base: el("select", { name: "base", "aria-label": "base checkpoint" }),
+    steps: input("steps", { type: "number", value: 200, min: 1 }),
+    batch: input("batch size", { type: "number", value: 8, min: 1 }),
+    accumulation: input("grad accum steps", { type: "number", value: 1, min: 1 }),
+    learning_rate: input("learning rate", { type: "number", value: 0.0006, step: 0.0001, min: 0 }),
+  };
+  const cost = el("p", { id: "cost", class: "muted" });
+  const submit = el("button", { type: "button", disabled: !may("train") }, "Start");
+  const request = () => {
+    const type = form.type.value;
+    const body = { type, corpus_id: form.corpus.value, name: form.name.value || null,
+      hyperparameters: { max_steps: Number(form.steps.value), batch_size: Number(form.batch.value),
+        grad_accum_steps: Number(form.accumulation.value), learning_rate: Number(form.learning_rate.value) } };
+    if (type === "pretrain") body.model = { preset: form.preset.value };
+    else body.base_checkpoint_id = form.base.value;
+    return body;
+  };
+  const choices = () => {  // the corpora and checkpoints the type can use
+    const type = form.type.value;
+    form.corpus.replaceChildren(...corpora.data.filter((c) => c.kind === CORPUS_KIND[type])
+      .map((c) => el("option", { value: c.id }, `${c.name} (${c.n_records} records)`)));
+    form.base.replaceChildren(...checkpoints.data.filter((c) => c.task === "lm")
+      .map((c) => el("option", { value: c.id }, `${c.id} (step ${c.step})`)));
+    form.preset.parentElement.hidden = type !== "pretrain";
+    form.base.parentElement.hidden = type === "pretrain";
+  };
+  let pending = null;
+  const estimate = () => {
+    clearTimeout(pending);
+    pending = setTimeout(async () => {
+      try {
+        const e = await api("/v1/jobs/estimate", { method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(request()) });
+        cost.className = e.fits ? "muted" : "error";
+        cost.textContent = `${(e.parameters / 1e6).toFixed(2)}M parameters · about ${bytes(e.memory_bytes)} of memory ` +
+          `(the limit is ${bytes(e.memory_limit_bytes)}) · ${e.tokens_per_step.toLocaleString()} tokens per step` +
+          (e.refusal ? ` · ${e.refusal}` : "");
+      } catch (error) { cost.className = "error"; cost.textContent = error.message; }
+    }, 300);
+  };
+  submit.onclick = async () => {
+    submit.disabled = true;
+    try {
+      const job = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(request()) });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (error) { cost.className = "error"; cost.textContent = error.message; submit.disabled = false; }
+  };
+  for (const control of Object.values(form)) control.addEventListener("input", estimate);
+  form.type.addEventListener("change", () => { choices(); estimate(); });
+  show(el("h1", {}, "New run"), el("div", { class: "form" }, Object.entries(form).map(([k, control]) => field(k, control))),
+    cost, el("p", {}, submit, may("train") ? "" : el("span", { class: "muted" }, " (this key's scope cannot start runs)")));
+  choices();
+  estimate();
+}
+
 // -- deployments --------------------------------------------------------------------------------------------------
 
 async function deploymentsPage() {
@@ -326,6 +397,7 @@ async function route() {
   const [, page, id] = location.hash.split("/");
   if (page === "jobs" && id) return jobPage(decodeURIComponent(id));
   if (page === "deployments") return deploymentsPage();
+  if (page === "new") return newRunPage().catch((error) => show(el("p", { class: "error" }, error.message)));
   if (page === "playground") return playgroundPage().catch((error) => show(el("p", { class: "error" }, error.message)));
   return runsPage();
 }

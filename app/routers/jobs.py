@@ -13,11 +13,12 @@ from app.auth import ReadOrTrain
 from app.deps import DatabaseDep, JobDep, PageDep, QueueDep, SessionDep, SettingsDep
 from app.errors import QUEUE_UNAVAILABLE
 from app.schemas.common import Page
-from app.schemas.jobs import EventOut, JobCreate, JobOut, JobStatusName, JobTypeName, MetricSeries
-from app.services.jobs import create_job, send_job
+from app.schemas.jobs import EventOut, JobCreate, JobEstimate, JobOut, JobStatusName, JobTypeName, MetricSeries
+from app.services.jobs import check_job, create_job, memory_refusal, send_job
 from core import jobs
 from core.errors import NotFound
 from core.tables import Job, JobEvent, Metric
+from model.config import PRESETS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
 STREAM_POLL_S = 0.5
@@ -30,6 +31,22 @@ def submit_job(body: JobCreate, session: SessionDep, queue: QueueDep, settings: 
     session.commit()
     send_job(queue, session, job)
     return JobOut.of(job)
+
+
+@router.post("/estimate", response_model=JobEstimate)
+def estimate_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobEstimate:
+    """What a job of this request would cost, checked as POST /v1/jobs checks it, without starting it."""
+    _, cost = check_job(session, body)
+    refusal = memory_refusal(cost, body.hyperparameters.batch_size, settings.max_training_memory_bytes)
+    return JobEstimate(parameters=cost.parameters, memory_bytes=cost.memory_bytes,
+                       memory_limit_bytes=settings.max_training_memory_bytes, tokens_per_step=cost.tokens_per_step,
+                       fits=refusal is None, refusal=refusal)
+
+
+@router.get("/presets")
+def model_presets() -> dict:
+    """The model presets a pretraining job may start from, with their shapes."""
+    return {"object": "list", "data": [{"name": name, **shape} for name, shape in PRESETS.items()]}
 
 
 @router.get("", response_model=Page[JobOut])

@@ -119,6 +119,16 @@ class JobCreate(Strict):
         return self
 
 
+class JobEstimate(BaseModel):
+    object: Literal["job.estimate"] = "job.estimate"
+    parameters: int
+    memory_bytes: int = Field(description="weights, gradients, AdamW state and one step's activations (estimated)")
+    memory_limit_bytes: int
+    tokens_per_step: int = Field(description="batch_size x grad_accum_steps x window (at most, for finetunes)")
+    fits: bool
+    refusal: str | None = Field(description="why POST /v1/jobs would refuse it, if it would")
+
+
 class Progress(BaseModel):
     step: int
     total_steps: int

@@ -1,4 +1,6 @@
-"""Checking a job request against the database and the model library, queueing it."""
+"""Checking a job request against the database and the model library, costing it, queueing it."""
+
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -10,7 +12,7 @@ from core.queue import JobQueue
 from core.tables import Checkpoint, Corpus, Job
 from model import ConfigError, GPTConfig, LoRAConfig
 from model.config import GPT2_VOCAB_SIZE
-from model.memory import finetune_bytes, human_bytes, training_bytes
+from model.memory import finetune_bytes, human_bytes, num_parameters, training_bytes
 
 
 def named_row(session: Session, model, key: str, what: str, param: str):
@@ -30,14 +32,18 @@ def _corpus(session: Session, corpus_id: str, param: str, kind: str) -> Corpus:
     return corpus
 
 
-def _within_memory(estimate: int, max_memory_bytes: int, batch_size: int, advice: str) -> None:
-    if estimate > max_memory_bytes:
-        raise Invalid(f"training this model with batch_size {batch_size} needs about {human_bytes(estimate)} "
-                      f"(weights, gradients, AdamW state and activations); the limit is "
-                      f"{human_bytes(max_memory_bytes)} (max_training_memory_bytes): {advice}", param="model")
+@dataclass
+class JobCost:
+    """What a job will take: its model's parameters, its estimated memory, the tokens of each optimizer step (at
+    most, for finetunes: their texts are padded to the longest of a batch)."""
+
+    parameters: int
+    memory_bytes: int
+    tokens_per_step: int
+    advice: str  # what to change when it does not fit
 
 
-def _model_config(request: JobCreate, max_memory_bytes: int) -> dict:
+def _pretrain_cost(request: JobCreate) -> tuple[dict, JobCost]:
     tokenizer = request.tokenizer
     vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
     try:
@@ -48,13 +54,14 @@ def _model_config(request: JobCreate, max_memory_bytes: int) -> dict:
     if block_size is not None and block_size > config.context_length:
         raise Invalid(f"block_size {block_size} exceeds the model's context length {config.context_length}",
                       param="hyperparameters.block_size")
-    batch_size = request.hyperparameters.batch_size
-    _within_memory(training_bytes(config, batch_size, block_size or config.context_length), max_memory_bytes,
-                   batch_size, "choose a smaller model, batch_size or block_size")
-    return config.to_dict()
+    hp = request.hyperparameters
+    window = block_size or config.context_length
+    return config.to_dict(), JobCost(num_parameters(config), training_bytes(config, hp.batch_size, window),
+                                     hp.batch_size * hp.grad_accum_steps * window,
+                                     "choose a smaller model, batch_size or block_size")
 
 
-def _base_checkpoint(session: Session, request: JobCreate, corpus: Corpus, max_memory_bytes: int) -> None:
+def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobCost:
     checkpoint = named_row(session, Checkpoint, request.base_checkpoint_id, "checkpoint", "base_checkpoint_id")
     if checkpoint.task != CheckpointTask.LM:
         raise Invalid(f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
@@ -64,20 +71,21 @@ def _base_checkpoint(session: Session, request: JobCreate, corpus: Corpus, max_m
     if classifier and request.trainable_blocks > config.n_layer:
         raise Invalid(f"trainable_blocks {request.trainable_blocks} exceeds the base model's {config.n_layer} "
                       f"blocks", param="trainable_blocks")
-    max_length = request.hyperparameters.max_length
-    if max_length is not None and max_length > config.context_length:
-        raise Invalid(f"max_length {max_length} exceeds the base model's context length {config.context_length}",
+    hp = request.hyperparameters
+    if hp.max_length is not None and hp.max_length > config.context_length:
+        raise Invalid(f"max_length {hp.max_length} exceeds the base model's context length {config.context_length}",
                       param="hyperparameters.max_length")
-    batch_size = request.hyperparameters.batch_size
     lora = LoRAConfig(**request.lora.model_dump()) if request.lora is not None else None
-    estimate = finetune_bytes(config, batch_size, max_length or config.context_length,
-                              n_classes=len(corpus.label_names) if classifier else None,
-                              trainable_blocks=request.trainable_blocks, lora=lora)
-    _within_memory(estimate, max_memory_bytes, batch_size, "choose a smaller batch_size or max_length, or lora")
+    length = hp.max_length or config.context_length
+    memory = finetune_bytes(config, hp.batch_size, length, n_classes=len(corpus.label_names) if classifier else None,
+                            trainable_blocks=request.trainable_blocks, lora=lora)
+    return JobCost(num_parameters(config), memory, hp.batch_size * hp.grad_accum_steps * length,
+                   "choose a smaller batch_size or max_length, or lora")
 
 
-def create_job(session: Session, request: JobCreate, max_training_memory_bytes: int) -> Job:
-    """A queued Job row (and its first event) for a request that holds up; Invalid names what does not."""
+def check_job(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
+    """The spec a job of this request is stored with, and what it will cost; Invalid names what does not hold
+    (but for its memory, which create_job holds to the limit)."""
     kind = jobs.CORPUS_KIND[request.type]
     corpus = _corpus(session, request.corpus_id, "corpus_id", kind)
     if request.validation_corpus_id is not None:
@@ -88,9 +96,26 @@ def create_job(session: Session, request: JobCreate, max_training_memory_bytes: 
                           f"(labels {corpus.label_names})", param="validation_corpus_id")
     spec = request.model_dump(mode="json")
     if request.type == jobs.JobType.PRETRAIN:
-        spec["model_config"] = _model_config(request, max_training_memory_bytes)
+        spec["model_config"], cost = _pretrain_cost(request)
     else:
-        _base_checkpoint(session, request, corpus, max_training_memory_bytes)
+        cost = _finetune_cost(session, request, corpus)
+    return spec, cost
+
+
+def memory_refusal(cost: JobCost, batch_size: int, max_memory_bytes: int) -> str | None:
+    """Why a job of this cost is refused, or None when it fits."""
+    if cost.memory_bytes <= max_memory_bytes:
+        return None
+    return (f"training this model with batch_size {batch_size} needs about {human_bytes(cost.memory_bytes)} "
+            f"(weights, gradients, AdamW state and activations); the limit is {human_bytes(max_memory_bytes)} "
+            f"(max_training_memory_bytes): {cost.advice}")
+
+
+def create_job(session: Session, request: JobCreate, max_training_memory_bytes: int) -> Job:
+    """A queued Job row (and its first event) for a request that holds up; Invalid names what does not."""
+    spec, cost = check_job(session, request)
+    if refusal := memory_refusal(cost, request.hyperparameters.batch_size, max_training_memory_bytes):
+        raise Invalid(refusal, param="model")
     return jobs.create(session, name=request.name, type=request.type, corpus_id=request.corpus_id,
                        validation_corpus_id=request.validation_corpus_id,
                        base_checkpoint_id=request.base_checkpoint_id, spec=spec, seed=request.seed,

@@ -445,3 +445,23 @@ def test_a_finetune_is_held_to_the_training_memory_limit(api):
     assert finetune("finetune_classifier", texts).status_code == 201
     assert_error(finetune("finetune_classifier", texts, hp={"batch_size": 16}), 422, "batch_size 16", param="model")
     assert_error(finetune("finetune_classifier", texts, trainable_blocks=12), 422, "GiB", param="model")
+
+
+def test_a_job_is_costed_before_it_is_started(api, text_corpus):
+    from model import GPTConfig
+    from model.memory import num_parameters, training_bytes
+
+    nano = GPTConfig.preset("nano", vocab_size=50257)
+    estimate = api.post("/v1/jobs/estimate", json=readme_job(text_corpus, hyperparameters={
+        "batch_size": 8, "grad_accum_steps": 2, "block_size": 64})).json()
+    assert estimate == {"object": "job.estimate", "parameters": num_parameters(nano),
+                        "memory_bytes": training_bytes(nano, 8, 64), "memory_limit_bytes": 16 * 1024**3,
+                        "tokens_per_step": 8 * 2 * 64, "fits": True, "refusal": None}
+    huge = api.post("/v1/jobs/estimate", json=readme_job(text_corpus, model={"preset": "gpt2-xl"},
+                                                         hyperparameters={"batch_size": 64})).json()
+    assert huge["fits"] is False and "max_training_memory_bytes" in huge["refusal"]
+    assert huge["parameters"] > 1.5e9
+    assert_error(api.post("/v1/jobs/estimate", json=readme_job("corpus_nope")), 422, "corpus_nope")
+    assert_no_jobs(api)  # an estimate starts nothing
+    presets = {p["name"]: p for p in api.get("/v1/jobs/presets").json()["data"]}
+    assert presets["gpt2"]["n_layer"] == 12 and "nano" in presets

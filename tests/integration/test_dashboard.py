@@ -57,17 +57,22 @@ def read_key(server) -> str:  # noqa: F811
 def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, shared_data, tmp_path):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
-    corpus = as_json(cli(server, "corpora", "upload", str(shared_data / "the-verdict.txt"), "--kind", "text",
-                         "--json"))["id"]
-    job = as_json(cli(server, "jobs", "start", "--corpus", corpus, "--preset", "nano", "--steps", "300",
-                      "--batch-size", "4", "--name", "verdict-nano", "--json"))["id"]
+    assert cli(server, "corpora", "upload", str(shared_data / "the-verdict.txt"), "--kind", "text").returncode == 0
     url = server["SCRATCHLLM_URL"]
     errors: list[str] = []
     with sync_playwright() as playwright:
-        browser, page = browser_page(playwright, url, server["SCRATCHLLM_API_KEY"], errors)
-        page.wait_for_selector(f'tr[data-job="{job}"]')
+        browser, page = browser_page(playwright, url + "#/new", server["SCRATCHLLM_API_KEY"], errors)
+        page.wait_for_selector("#cost:has-text('parameters')")
         assert "cli tests: deploy" in page.inner_text("#who")
-        page.click(f'tr[data-job="{job}"] a')
+        page.fill("input[name=name]", "verdict-nano")
+        page.select_option("select[name=preset]", "nano")
+        page.fill("input[name=steps]", "300")
+        page.fill("input[name='batch size']", "4")
+        # the cost, before it starts: batch 4 x nano's context of 128 tokens
+        wait_for(page, "document.querySelector('#cost').textContent.includes('512 tokens per step')")
+        screenshot(page, tmp_path, "new-run")
+        page.click("button:has-text('Start')")
+        job = wait_for(page, "location.hash.startsWith('#/jobs/') && location.hash.slice(7)")
         points = "window.dashboard.charts.loss ? window.dashboard.charts.loss.data[0].length : 0"
         drawn = wait_for(page, f"({points}) > 2 && ({points})", timeout_s=60)
         wait_for(page, f"({points}) > {drawn}")  # new points while it trains
