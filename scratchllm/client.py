@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from core.enums import CorpusKind, ServingDtype
 from core.jobs import TRAINING
@@ -27,12 +28,17 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_FAILED, EXIT_CANCELLED = 1, 3
 FINAL_STATUS = {"succeeded": 0, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 POLL_S = 0.5
-console = Console()
-errors = Console(stderr=True)
+# what the server says (names, errors) is printed as it is, never read as rich markup
+console = Console(markup=False, highlight=False)
+errors = Console(stderr=True, markup=False, highlight=False)
 
 
 class ClientError(Exception):
-    """The server refused a request (its message), or could not be reached."""
+    """The server refused a request (its message and status), or could not be reached (no status)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Client:
@@ -46,7 +52,7 @@ class Client:
         except httpx.HTTPError as e:
             raise ClientError(f"cannot reach {self.http.base_url}: {e}") from None
         if response.status_code >= 400:
-            raise ClientError(_message(response))
+            raise ClientError(_message(response), response.status_code)
         return response.json()
 
     def events(self, path: str, body: dict) -> Iterator[dict]:
@@ -55,7 +61,7 @@ class Client:
             with self.http.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise ClientError(_message(response))
+                    raise ClientError(_message(response), response.status_code)
                 for line in response.iter_lines():
                     if line.startswith("data:") and line[5:].strip() != "[DONE]":
                         yield json.loads(line[5:])
@@ -210,10 +216,12 @@ def checkpoints_list(client: Client, args: argparse.Namespace) -> None:
 def deploy(client: Client, args: argparse.Namespace) -> None:
     change = {"checkpoint_id": args.checkpoint, "device": args.device, "dtype": args.dtype,
               **({"default": True} if args.default else {})}
-    existing = client.http.get(f"/v1/deployments/{args.name}")
-    if existing.status_code == 200:
+    try:
+        client.call("GET", f"/v1/deployments/{args.name}")
         deployment = client.call("PATCH", f"/v1/deployments/{args.name}", json=change)
-    else:
+    except ClientError as e:
+        if e.status != 404:
+            raise
         deployment = client.call("POST", "/v1/deployments", json={"name": args.name, **change})
     while deployment["state"] == "loading" or deployment["serving_checkpoint_id"] != args.checkpoint:
         if deployment["error"]:
@@ -240,7 +248,7 @@ def chat(client: Client, args: argparse.Namespace) -> None:
     errors.print("chat: an empty line or Ctrl-D ends it")
     while True:
         try:
-            line = console.input("[bold]you>[/bold] ")
+            line = console.input("you> ")
         except EOFError:
             break
         if not line.strip():
@@ -374,8 +382,8 @@ def run(handler):
     def command(args: argparse.Namespace) -> None:
         try:
             status = handler(Client(args.url, args.api_key), args)
-        except ClientError as e:
-            errors.print(f"[red]error:[/red] {e}")
+        except (ClientError, OSError, yaml.YAMLError) as e:  # refused, unreachable, or a file it cannot read
+            errors.print(Text("error: ", style="red") + Text(str(e)))  # the server's words are not markup
             status = EXIT_FAILED
         except KeyboardInterrupt:
             status = 130

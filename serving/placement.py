@@ -45,12 +45,11 @@ def resolve(device: str = "auto", dtype: str = ServingDtype.AUTO) -> Placement:
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
         device = "cuda:0" if cuda_devices else "cpu"
-    target = torch.device(device)
-    if target.type == "cuda":
-        target = torch.device("cuda", target.index or 0)
-        if target.index >= cuda_devices:
-            raise PlacementError(f"device {device!r} is not on this machine: it has "
-                                 f"{cuda_devices or 'no'} CUDA device{'' if cuda_devices == 1 else 's'}")
+    kind, _, index = device.partition(":")
+    target = torch.device(kind, int(index or 0)) if kind == "cuda" else torch.device(kind)  # cuda:02 is cuda:2
+    if target.type == "cuda" and target.index >= cuda_devices:
+        raise PlacementError(f"device {device!r} is not on this machine: it has "
+                             f"{cuda_devices or 'no'} CUDA device{'' if cuda_devices == 1 else 's'}")
     if dtype == ServingDtype.AUTO:
         bf16 = target.type == "cuda" and torch.cuda.is_bf16_supported()
         return Placement(target, torch.bfloat16 if bf16 else torch.float32)

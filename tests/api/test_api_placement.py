@@ -63,6 +63,7 @@ def test_a_device_or_dtype_this_machine_cannot_serve_is_refused(api, lm):
     checkpoint = add_checkpoint(api, lm)
     for body, status, words, param in [
             ({"device": "cuda:0"}, 422, ("'cuda:0' is not on this machine", "no CUDA devices"), "device"),
+            ({"device": "cuda:02"}, 422, ("'cuda:02' is not on this machine",), "device"),  # found by the fuzzer
             ({"device": "gpu"}, 422, ("device",), "device"),
             ({"device": "cuda:1234"}, 422, ("device",), "device"),
             ({"dtype": "int8"}, 422, ("dtype",), "dtype")]:
@@ -70,8 +71,9 @@ def test_a_device_or_dtype_this_machine_cannot_serve_is_refused(api, lm):
         assert_error(response, status, *words, param=param)
     assert api.get("/v1/deployments").json()["data"] == []
     deploy(api, "cpu", checkpoint)
-    assert_error(api.patch("/v1/deployments/cpu", json={"device": "cuda"}), 422, "not on this machine",
-                 param="device")
+    for device in ("cuda", "cuda:02"):
+        assert_error(api.patch("/v1/deployments/cpu", json={"device": device}), 422, "not on this machine",
+                     param="device")
     assert api.get("/v1/deployments/cpu").json()["device"] == "auto"  # unchanged
 
 

@@ -5,6 +5,7 @@ controls that change state. SCRATCHLLM_SCREENSHOT_DIR=docs/screenshots keeps the
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
 
     settings = settings_of(server)
     torch.manual_seed(0)
-    lm = register_model(settings, GPT(TINY_LM).eval())
+    lm = register_model(settings, GPT(replace(TINY_LM, context_length=1024)).eval())  # room to stream for a while
     spam = register_model(settings, GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
     for name, checkpoint in (("tiny", lm), ("spam", spam)):
         assert cli(server, "deploy", name, checkpoint).returncode == 0
@@ -114,15 +115,19 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
         page.wait_for_selector("select[aria-label='deployment']")
         page.select_option("select[aria-label='deployment']", "tiny")
         page.wait_for_selector("button:has-text('Generate')")
-        page.fill("input[aria-label='max new tokens']", "300")
+        page.fill("input[aria-label='max new tokens']", "1000")
         page.fill("input[aria-label='temperature']", "0")
+        page.evaluate("""() => {  // the output's length each time the page changed it
+            const output = document.getElementById('output');
+            window.lengths = [];
+            new MutationObserver(() => window.lengths.push(output.textContent.length))
+                .observe(output, {childList: true, subtree: true, characterData: true});
+        }""")
         page.click("button:has-text('Generate')")
-        lengths = set()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(lengths) < 3:
-            lengths.add(page.evaluate("document.getElementById('output').textContent.length"))
-            time.sleep(0.02)
-        assert len(lengths - {0}) >= 2, lengths  # the text grew while it streamed
+        wait_for(page, "window.lengths.length > 0 && !document.querySelector('#output .error') && "
+                       "window.lengths.at(-1) > 2000", timeout_s=60)
+        lengths = page.evaluate("window.lengths")
+        assert len(set(lengths)) >= 5, lengths  # drawn piece by piece as it streamed, not at the end
         screenshot(page, tmp_path, "playground")
         page.select_option("select[aria-label='deployment']", "spam")
         page.click("button:has-text('Classify')")

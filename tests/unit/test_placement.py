@@ -29,6 +29,7 @@ def test_auto_is_the_cpu_in_float32_without_a_gpu():
 def test_auto_is_the_first_gpu_in_bfloat16_where_there_is_one(two_gpus, monkeypatch):
     assert resolve() == Placement(torch.device("cuda", 0), torch.bfloat16)
     assert resolve("cuda") == resolve("cuda:0") and resolve("cuda:1", "float32").device == torch.device("cuda", 1)
+    assert resolve("cuda:01").device == torch.device("cuda", 1)  # torch.device itself refuses "cuda:01"
     assert resolve("cpu").dtype == torch.float32  # bfloat16 is auto only where it is fast
     with pytest.raises(PlacementError, match="it has 2 CUDA devices"):
         resolve("cuda:2")
