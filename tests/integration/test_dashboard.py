@@ -67,7 +67,7 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
         assert "cli tests: deploy" in page.inner_text("#who")
         page.fill("input[name=name]", "verdict-nano")
         page.select_option("select[name=preset]", "nano")
-        page.fill("input[name=steps]", "300")
+        page.fill("input[name=steps]", "150")
         page.fill("input[name='batch size']", "4")
         # the cost, before it starts: batch 4 x nano's context of 128 tokens
         wait_for(page, "document.querySelector('#cost').textContent.includes('512 tokens per step')")

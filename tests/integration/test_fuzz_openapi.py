@@ -23,7 +23,7 @@ from model import GPT
 from tests.helpers import TINY_LM, register_model
 from tests.integration.test_faults import ApiProcess, settings_of, wait_until
 
-FUZZ_SECONDS = 60
+FUZZ_SECONDS = 50
 REPO = Path(__file__).resolve().parents[2]
 
 
