@@ -76,9 +76,17 @@ async function runsPage() {
     filters[name] = e.target.value;
     render();
   } }, el("option", { value: "" }, `any ${name}`), values.map((v) => el("option", { value: v }, v)));
+  const picked = new Set();
+  const compare = el("a", { href: "#/runs", class: "muted" }, "tick runs to compare them");
   const bar = el("div", { class: "filters" },
     select("type", ["pretrain", "finetune_classifier", "finetune_instruct", "evaluate"]),
-    select("status", ["queued", "running", "succeeded", "failed", "cancelled"]));
+    select("status", ["queued", "running", "succeeded", "failed", "cancelled"]), compare);
+  const tick = (jobId, on) => {
+    if (on) picked.add(jobId); else picked.delete(jobId);
+    compare.href = picked.size > 1 ? `#/compare/${[...picked].join(",")}` : "#/runs";
+    compare.textContent = picked.size > 1 ? `compare ${picked.size} runs` : "tick runs to compare them";
+    compare.className = picked.size > 1 ? "" : "muted";
+  };
   const body = el("tbody");
   const render = async () => {
     const query = new URLSearchParams({ limit: "100", ...Object.fromEntries(Object.entries(filters).filter(([, v]) => v)) });
@@ -86,7 +94,8 @@ async function runsPage() {
     body.replaceChildren(...jobs.map((job) => {
       const p = job.progress;
       return el("tr", { "data-job": job.id },
-        el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.name || job.id)),
+        el("td", {}, el("input", { type: "checkbox", "aria-label": `compare ${job.id}`, checked: picked.has(job.id),
+          onchange: (e) => tick(job.id, e.target.checked) }), " ", el("a", { href: `#/jobs/${job.id}` }, job.name || job.id)),
         el("td", {}, job.type),
         el("td", { class: `status-${job.status}` }, job.status),
         el("td", {}, el("progress", { max: p.total_steps, value: p.step }), ` ${p.step}/${p.total_steps}`),
@@ -115,24 +124,29 @@ async function metricPoints(jobId, name) {
   }
 }
 
-function chart(title, names, holder) {
-  const series = [{ label: "step" }, ...names.map((name, i) => ({ label: name, stroke: ["#2563eb", "#dc2626"][i % 2],
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+
+function chart(title, labels, holder, data = [[], ...labels.map(() => [])]) {
+  // a uPlot chart of one line per label against steps
+  const series = [{ label: "step" }, ...labels.map((label, i) => ({ label, stroke: PALETTE[i % PALETTE.length],
     spanGaps: true, points: { show: true, size: 3 } }))];
   const axes = [{}, { values: (u, ticks) => ticks.map((v) => Number(v.toPrecision(3)).toString()), size: 60 }];
-  const plot = new uPlot({ title, width: 360, height: 220, series, axes, scales: { x: { time: false } } },
-    [[], ...names.map(() => [])], holder);
-  return plot;
+  return new uPlot({ title, width: 360, height: 220, series, axes, scales: { x: { time: false } } }, data, holder);
+}
+
+function aligned(series) {
+  // uPlot's data: the steps any series has, then each series' value at each step (null where it has none)
+  const steps = [...new Set(series.flatMap((points) => points.map((p) => p.step)))].sort((a, b) => a - b);
+  return [steps, ...series.map((points) => {
+    const byStep = new Map(points.map((p) => [p.step, p.value]));
+    return steps.map((step) => byStep.get(step) ?? null);
+  })];
 }
 
 async function drawMetrics(jobId) {
   for (const [title, names] of SERIES) {
     const series = await Promise.all(names.map((name) => metricPoints(jobId, name)));
-    const steps = [...new Set(series.flatMap((points) => points.map((p) => p.step)))].sort((a, b) => a - b);
-    const columns = series.map((points) => {
-      const byStep = new Map(points.map((p) => [p.step, p.value]));
-      return steps.map((step) => byStep.get(step) ?? null);
-    });
-    state.charts[title].setData([steps, ...columns]);
+    state.charts[title].setData(aligned(series));
   }
 }
 
@@ -178,6 +192,24 @@ async function jobPage(jobId) {
     if (FINAL.has(job.status)) clearInterval(state.timer);
   };
   await repeat(render);
+}
+
+// -- runs compared -------------------------------------------------------------------------------------------------
+
+async function comparePage(jobIds) {
+  // one chart per metric, one line per run, against steps
+  const jobs = await Promise.all(jobIds.map((id) => api(`/v1/jobs/${id}`)));
+  const charts = el("div", { class: "charts" });
+  show(el("h1", {}, `${jobs.length} runs compared`),
+    el("p", {}, jobs.map((job, i) => el("span", { class: "legend" }, `${i + 1}. `,
+      el("a", { href: `#/jobs/${job.id}` }, job.name || job.id), ` (${job.status}, step ${job.progress.step})  `))), charts);
+  state.charts = {};
+  for (const name of ["train_loss", "val_loss", "learning_rate"]) {
+    const series = await Promise.all(jobIds.map((id) => metricPoints(id, name)));
+    const holder = el("div", { class: "chart", "data-chart": name });
+    charts.append(holder);
+    state.charts[name] = chart(name, jobs.map((job, i) => `${i + 1}. ${job.name || job.id}`), holder, aligned(series));
+  }
 }
 
 // -- a new run ----------------------------------------------------------------------------------------------------
@@ -397,6 +429,9 @@ async function route() {
   const [, page, id] = location.hash.split("/");
   if (page === "jobs" && id) return jobPage(decodeURIComponent(id));
   if (page === "deployments") return deploymentsPage();
+  if (page === "compare" && id) {
+    return comparePage(decodeURIComponent(id).split(",")).catch((error) => show(el("p", { class: "error" }, error.message)));
+  }
   if (page === "new") return newRunPage().catch((error) => show(el("p", { class: "error" }, error.message)));
   if (page === "playground") return playgroundPage().catch((error) => show(el("p", { class: "error" }, error.message)));
   return runsPage();

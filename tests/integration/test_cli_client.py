@@ -27,7 +27,9 @@ def server(tmp_path):
     """(environment for the client, the API's URL) of a live API and worker on SQLite and the filesystem broker."""
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(tmp_path / "data"), "SCRATCHLLM_API_KEYS_REQUIRED": "true",
            "SCRATCHLLM_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'scratchllm.db'}",
-           "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}", "OMP_NUM_THREADS": "1"}
+           "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}", "OMP_NUM_THREADS": "1",
+           # the filesystem broker now and then loses a message; the reaper sends it again after this
+           "SCRATCHLLM_RESEND_QUEUED_AFTER_S": "5"}
     env.pop("SCRATCHLLM_BROKER_URL", None)
     settings = settings_of(env)
     settings.data_dir.mkdir(parents=True)

@@ -79,20 +79,29 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
         wait_for(page, f"({points}) > {drawn}")  # new points while it trains
         assert page.is_enabled("text=Cancel") and page.inner_text("#problem") == ""
         screenshot(page, tmp_path, "job")
-        page.goto(url + "#/runs")
-        page.wait_for_selector(f'tr[data-job="{job}"]')
-        screenshot(page, tmp_path, "runs")
-        browser.close()
 
-        browser, page = browser_page(playwright, f"{url}#/jobs/{job}", read_key(server), errors)
-        page.wait_for_selector("text=Cancel")
-        wait_for(page, "document.querySelector('#who').textContent.includes('read')")
+        reader, read_page = browser_page(playwright, f"{url}#/jobs/{job}", read_key(server), errors)
+        read_page.wait_for_selector("text=Cancel")
+        wait_for(read_page, "document.querySelector('#who').textContent.includes('read')")
         time.sleep(0.5)  # a refresh has set the controls
-        assert page.is_disabled("text=Cancel") and page.inner_text("#problem") == ""
+        assert read_page.is_disabled("text=Cancel") and read_page.inner_text("#problem") == ""  # still running
+        reader.close()
+
+        page.click("text=Cancel")
+        wait_for(page, "document.querySelector('.facts').textContent.includes('cancelled')")
+        second = cli(server, "jobs", "start", "--corpus", as_json(cli(server, "corpora", "list", "--json"))[0]["id"],
+                     "--preset", "nano", "--steps", "20", "--batch-size", "4", "--name", "short", "--follow")
+        assert second.returncode == 0, second.stderr
+        page.goto(url + "#/runs")
+        for run in as_json(cli(server, "jobs", "list", "--json")):
+            page.check(f"input[aria-label='compare {run['id']}']")  # (the table is redrawn: found each time)
+        screenshot(page, tmp_path, "runs")
+        page.click("text=compare 2 runs")
+        columns = "window.dashboard.charts.train_loss ? window.dashboard.charts.train_loss.data : []"
+        wait_for(page, f"({columns}).length === 3 && ({columns}).slice(1).every((c) => c.some((v) => v !== null))")
+        screenshot(page, tmp_path, "compare")
         browser.close()
     assert errors == [], errors
-    cancelled = cli(server, "jobs", "cancel", job)
-    assert cancelled.returncode == 0
 
 
 def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(server, tmp_path):  # noqa: F811
