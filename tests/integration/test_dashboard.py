@@ -89,10 +89,23 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
 
         page.click("text=Cancel")
         wait_for(page, "document.querySelector('.facts').textContent.includes('cancelled')")
-        second = cli(server, "jobs", "start", "--corpus", as_json(cli(server, "corpora", "list", "--json"))[0]["id"],
-                     "--preset", "nano", "--steps", "20", "--batch-size", "4", "--name", "short", "--follow")
-        assert second.returncode == 0, second.stderr
-        page.goto(url + "#/runs")
+        browser.close()
+    assert errors == [], errors
+
+
+def test_runs_ticked_on_the_runs_page_are_compared(server, shared_data, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    corpus = as_json(cli(server, "corpora", "upload", str(shared_data / "the-verdict.txt"), "--kind", "text",
+                         "--json"))["id"]
+    for name, learning_rate in (("slow", "0.0006"), ("fast", "0.003")):
+        run = cli(server, "jobs", "start", "--corpus", corpus, "--preset", "nano", "--steps", "12", "--batch-size",
+                  "4", "--learning-rate", learning_rate, "--name", name, "--follow")
+        assert run.returncode == 0, run.stderr
+    url = server["SCRATCHLLM_URL"]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright, url + "#/runs", server["SCRATCHLLM_API_KEY"], errors)
         for run in as_json(cli(server, "jobs", "list", "--json")):
             page.check(f"input[aria-label='compare {run['id']}']")  # (the table is redrawn: found each time)
         screenshot(page, tmp_path, "runs")
