@@ -72,10 +72,11 @@ class _TextFile:
 
 
 def _check_text(path: Path) -> CorpusSummary:
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CorpusContentError("the file is empty")
     text = _TextFile(path)
-    if path.stat().st_size > TOKEN_COUNT_LIMIT_BYTES:
+    if size > TOKEN_COUNT_LIMIT_BYTES:
         n_tokens = None
         for _ in text.blocks():
             pass

@@ -13,12 +13,9 @@ import httpx
 import schemathesis
 import torch
 
-from core.db import Database
-from core.enums import KeyScope
-from core.keys import create_key
 from core.settings import settings_from_environment
 from model import GPT
-from tests.helpers import TINY_LM, register_model
+from tests.helpers import TINY_LM, key_in, register_model
 
 DEPLOYMENT = "default"
 
@@ -40,12 +37,7 @@ class Target:
     def renew_key_if_revoked(self) -> None:
         if self.call("GET", "/v1/api-keys", params={"limit": 1}).status_code != 401:
             return
-        database = Database(self.settings.sqlalchemy_url)
-        try:
-            with database.session() as session:
-                _, self.key = create_key(session, "fuzzing (renewed)", KeyScope.ADMIN)
-        finally:
-            database.dispose()
+        self.key = key_in(self.settings.sqlalchemy_url, "admin", "fuzzing (renewed)")
         self.keys_minted += 1
 
     def serve_default_if_gone(self) -> None:

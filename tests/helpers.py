@@ -109,14 +109,18 @@ def recording_server(body: bytes, status: int = 200, headers: dict | None = None
         server.server_close()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """The app (its lifespan already run by a TestClient) served by uvicorn on a free local port: its URL."""
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -131,12 +135,18 @@ def serving(app) -> Iterator[str]:
         thread.join(10)
 
 
-def create_api_key(app, scope: str, name: str = "test") -> str:
-    """A key made as `scratchllm keys create` makes it, straight in the service's database."""
+def key_in(database_url: str, scope: str, name: str = "test") -> str:
+    """A key made as `scratchllm keys create` makes it, straight in the database at database_url."""
     from core.enums import KeyScope
     from core.keys import create_key
 
-    with app.state.services.database.session() as session:
-        _, key = create_key(session, name, KeyScope(scope))
-        session.commit()
-    return key
+    database = Database(database_url)
+    try:
+        with database.session() as session:
+            return create_key(session, name, KeyScope(scope))[1]
+    finally:
+        database.dispose()
+
+
+def create_api_key(app, scope: str, name: str = "test") -> str:
+    return key_in(app.state.services.settings.sqlalchemy_url, scope, name)

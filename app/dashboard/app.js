@@ -113,10 +113,11 @@ async function runsPage() {
 
 // -- one job ------------------------------------------------------------------------------------------------------
 
-async function metricPoints(jobId, name) {
-  const points = [];
-  let since = 0;
-  for (;;) {  // the metrics come in pages
+async function metricPoints(jobId, name, known = []) {
+  // the metric's points: those known already, then every page after the last of them (a step is recorded once)
+  const points = [...known];
+  let since = known.length ? known[known.length - 1].step + 1 : 0;
+  for (;;) {
     const page = await api(`/v1/jobs/${jobId}/metrics?name=${name}&since_step=${since}&limit=10000`);
     points.push(...page.data);
     if (!page.has_more || !page.data.length) return points;
@@ -143,9 +144,11 @@ function aligned(series) {
   })];
 }
 
-async function drawMetrics(jobId) {
+async function drawMetrics(jobId, known) {
+  // known: metric name -> the points fetched by the refreshes before this one, so each asks only for new ones
   for (const [title, names] of SERIES) {
-    const series = await Promise.all(names.map((name) => metricPoints(jobId, name)));
+    const series = await Promise.all(names.map(async (name) => (known[name] = await metricPoints(jobId, name,
+      known[name]))));
     state.charts[title].setData(aligned(series));
   }
 }
@@ -165,6 +168,8 @@ async function jobPage(jobId) {
     state.charts[title] = chart(title, names, holder);
   }
   const events = el("tbody");
+  const known = {};  // metric name -> its points so far
+  let lastEvent = 0;
   const checkpoints = el("tbody");
   const spec = el("pre");
   show(heading, el("p", {}, cancel), facts, el("h2", {}, "Curves"), charts,
@@ -182,13 +187,15 @@ async function jobPage(jobId) {
       ["eta", job.status === "running" ? seconds(p.eta_s) : ""], ["error", job.error || ""]]
       .flatMap(([k, v]) => [el("span", { class: "muted" }, k), el("span", {}, v)]));
     spec.textContent = JSON.stringify(job.spec, null, 2);
-    await drawMetrics(jobId);
+    await drawMetrics(jobId, known);
     const saved = (await api(`/v1/checkpoints?job_id=${jobId}&limit=100`)).data;
     checkpoints.replaceChildren(...saved.map((c) => el("tr", {}, el("td", {}, c.id), el("td", {}, `step ${c.step}`),
       el("td", {}, number(c.metrics.val_loss)))));
-    const latest = (await api(`/v1/jobs/${jobId}/events?limit=1000`)).data.slice(-50).reverse();
-    events.replaceChildren(...latest.map((e) => el("tr", {}, el("td", { class: "muted" }, e.time.slice(11, 19)),
-      el("td", {}, e.type), el("td", {}, e.message))));
+    const arrived = (await api(`/v1/jobs/${jobId}/events?after=${lastEvent}&limit=1000`)).data;
+    lastEvent = arrived.length ? arrived[arrived.length - 1].id : lastEvent;
+    events.prepend(...arrived.reverse().map((e) => el("tr", {}, el("td", { class: "muted" }, e.time.slice(11, 19)),
+      el("td", {}, e.type), el("td", {}, e.message))));  // newest first
+    while (events.children.length > 50) events.lastChild.remove();
     if (FINAL.has(job.status)) clearInterval(state.timer);
   };
   await repeat(render);

@@ -15,10 +15,8 @@ import time
 
 import pytest
 
-from core.db import Database
-from core.enums import KeyScope
-from core.keys import create_key
 from core.migrate import upgrade
+from tests.helpers import key_in
 from tests.integration.test_faults import ApiProcess, settings_of
 
 
@@ -34,10 +32,7 @@ def server(tmp_path):
     settings = settings_of(env)
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.sqlalchemy_url)
-    database = Database(settings.sqlalchemy_url)
-    with database.session() as session:
-        _, key = create_key(session, "cli tests", KeyScope.DEPLOY)
-    database.dispose()
+    key = key_in(settings.sqlalchemy_url, "deploy", "cli tests")
     api = ApiProcess(env)
     api.start()
     worker = subprocess.Popen([sys.executable, "-m", "scratchllm", "worker"], env=env, stdout=subprocess.DEVNULL,

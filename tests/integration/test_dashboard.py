@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.db import Database
-from core.enums import KeyScope
-from core.keys import create_key
+from tests.helpers import key_in
 from tests.integration.test_cli_client import as_json, cli, server  # noqa: F401 (the fixture, asked for by name)
 
 CHROMIUM = "/usr/bin/chromium"
@@ -48,11 +46,7 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
 
 
 def read_key(server) -> str:  # noqa: F811
-    database = Database(server["SCRATCHLLM_DATABASE_URL"])
-    with database.session() as session:
-        _, key = create_key(session, "a reader", KeyScope.READ)
-    database.dispose()
-    return key
+    return key_in(server["SCRATCHLLM_DATABASE_URL"], "read", "a reader")
 
 
 def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, shared_data, tmp_path):  # noqa: F811

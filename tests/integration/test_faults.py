@@ -21,11 +21,10 @@ import pytest
 from sqlalchemy import select
 
 from core.db import Database
-from core.enums import KeyScope
-from core.keys import create_key
 from core.migrate import upgrade
 from core.settings import Settings
 from core.tables import Metric
+from tests.helpers import free_port, key_in
 from tests.integration.test_service_flow import (
     Service,
     checkpoint_paths,
@@ -34,12 +33,6 @@ from tests.integration.test_service_flow import (
 )
 
 STEPS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
@@ -201,10 +194,7 @@ def api_service(postgres_url, tmp_path):
            "SCRATCHLLM_API_KEYS_REQUIRED": "true", "OMP_NUM_THREADS": "1"}
     settings = settings_of(env)
     settings.data_dir.mkdir(parents=True)
-    database = Database(postgres_url)
-    with database.session() as session:
-        _, key = create_key(session, "fault tests", KeyScope.TRAIN)
-    database.dispose()
+    key = key_in(postgres_url, "train", "fault tests")
     api = ApiProcess(env)
     api.start()
     with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:

@@ -15,12 +15,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from core.db import Database
-from core.enums import KeyScope
-from core.keys import create_key
 from core.migrate import upgrade
 from model import GPT
-from tests.helpers import TINY_LM, register_model
+from tests.helpers import TINY_LM, key_in, register_model
 from tests.integration.test_faults import ApiProcess, settings_of, wait_until
 
 FUZZ_SECONDS = 50
@@ -35,10 +32,7 @@ def test_the_whole_api_fuzzed_answers_no_undeclared_server_error(postgres_url, t
     settings = settings_of(env)
     settings.data_dir.mkdir(parents=True)
     upgrade(postgres_url)
-    database = Database(postgres_url)
-    with database.session() as session:
-        _, key = create_key(session, "fuzzing", KeyScope.ADMIN)
-    database.dispose()
+    key = key_in(postgres_url, "admin", "fuzzing")
     torch.manual_seed(0)
     checkpoint_id = register_model(settings, GPT(TINY_LM))
 

@@ -4,7 +4,6 @@ checkpoints, and rank 0's stop ends every rank at the same step."""
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import GPT, Callback, GPTConfig, PretrainObjective, TrainConfig, Trainer, gpt2_tokenizer, load_checkpoint
+from tests.helpers import free_port
 
 CONFIG = dict(vocab_size=50257, context_length=16, n_layer=2, n_head=2, n_embd=32)
 STEPS = 6
@@ -78,10 +78,7 @@ def _rank(rank: int, world: int, port: int, run: Run) -> None:
 
 
 def train_on_two(run: Run) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_rank, args=(2, port, run), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), run), nprocs=2, start_method="spawn")
     return [json.loads((Path(run.out_dir) / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
