@@ -36,6 +36,7 @@ def celery_config(settings: Settings) -> dict:
         # task events would leave bindings of dead receivers behind in the broker folder
         config["worker_send_task_events"] = False
         config["task_send_sent_event"] = False
+        config["broker_transport"] = "core.broker:Transport"  # kombu's, with messages written whole
     else:
         config["broker_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     return config

@@ -252,7 +252,11 @@ class Trainer:
             self.step += 1
             self.tokens_seen += tokens
             result.train_losses.append(loss)
+            seconds_per_step = sum(step_times) / len(step_times)
             self._record({"train_loss": loss, "learning_rate": lr})
+            # throughput is charted with the curves but is no checkpoint's metric
+            self.callback.on_metrics(self.step, {"tokens_seen": self.tokens_seen,
+                                                 "tokens_per_s": tokens / seconds_per_step})
             finished = self.step == config.max_steps
             if finished or self._due(config.eval_interval):
                 self._evaluate()
@@ -260,7 +264,6 @@ class Trainer:
                 self.callback.on_sample(self.step, self.sample())
             if finished or self._due(config.checkpoint_interval):
                 result.checkpoint = self._checkpoint() or result.checkpoint
-            seconds_per_step = sum(step_times) / len(step_times)
             self.callback.on_progress(TrainProgress(
                 self.step, config.max_steps, self.tokens_seen, tokens / seconds_per_step,
                 seconds_per_step * (config.max_steps - self.step), loss, lr, self.metrics.get("val_loss")))

@@ -147,6 +147,9 @@ def follow(client: Client, job_id: str) -> int:
                      if p[key] is not None)
     ending = f"job {job_id} {job['status']} at step {p['step']}{losses}" + (f": {job['error']}" if job["error"] else "")
     (console if job["status"] == "succeeded" else errors).print(ending)
+    newest = client.call("GET", "/v1/checkpoints", params={"job_id": job_id, "limit": 1})["data"]
+    if newest:  # what to evaluate, finetune or deploy next
+        console.print(f"its last checkpoint: {newest[0]['id']} (step {newest[0]['step']})")
     return FINAL_STATUS[job["status"]]
 
 

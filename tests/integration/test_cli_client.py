@@ -25,9 +25,7 @@ def server(tmp_path):
     """(environment for the client, the API's URL) of a live API and worker on SQLite and the filesystem broker."""
     env = {**os.environ, "SCRATCHLLM_DATA_DIR": str(tmp_path / "data"), "SCRATCHLLM_API_KEYS_REQUIRED": "true",
            "SCRATCHLLM_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'scratchllm.db'}",
-           "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}", "OMP_NUM_THREADS": "1",
-           # the filesystem broker now and then loses a message; the reaper sends it again after this
-           "SCRATCHLLM_RESEND_QUEUED_AFTER_S": "5"}
+           "SCRATCHLLM_TRAINING_QUEUE": f"test-{secrets.token_hex(4)}", "OMP_NUM_THREADS": "1"}
     env.pop("SCRATCHLLM_BROKER_URL", None)
     settings = settings_of(env)
     settings.data_dir.mkdir(parents=True)
@@ -69,6 +67,7 @@ def test_a_model_trained_deployed_and_generated_from_without_curl(server, shared
     assert [(j["status"], j["progress"]["step"]) for j in jobs] == [("succeeded", 12)]
     checkpoint = as_json(cli(server, "checkpoints", "list", "--json"))[0]
     assert checkpoint["job_id"] == jobs[0]["id"] and checkpoint["step"] == 12
+    assert f"its last checkpoint: {checkpoint['id']} (step 12)" in started.stdout  # what to use next
     evaluated = cli(server, "evaluate", checkpoint["id"], "--corpus", corpus["id"], "--follow")
     assert evaluated.returncode == 0 and re.search(r"loss [\d.]+ +perplexity", evaluated.stdout), evaluated
     compared = cli(server, "compare", "--corpus", corpus["id"])

@@ -72,7 +72,11 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
         drawn = wait_for(page, f"({points}) > 2 && ({points})", timeout_s=60)
         wait_for(page, f"({points}) > {drawn}")  # new points while it trains
         assert page.is_enabled("text=Cancel") and page.inner_text("#problem") == ""
+        wait_for(page, "window.dashboard.charts['tokens/s'].data[1].some((v) => v > 0)")
         screenshot(page, tmp_path, "job")
+        page.select_option("select[aria-label=against]", "tokens")  # each step's x: the tokens seen by its end
+        xs = wait_for(page, "window.dashboard.charts.loss.data[0].length > 2 && window.dashboard.charts.loss.data[0]")
+        assert xs[:3] == [512, 1024, 1536]
 
         reader, read_page = browser_page(playwright, f"{url}#/jobs/{job}", read_key(server), errors)
         read_page.wait_for_selector("text=Cancel")
@@ -96,16 +100,29 @@ def test_runs_ticked_on_the_runs_page_are_compared(server, shared_data, tmp_path
         run = cli(server, "jobs", "start", "--corpus", corpus, "--preset", "nano", "--steps", "12", "--batch-size",
                   "4", "--learning-rate", learning_rate, "--name", name, "--follow")
         assert run.returncode == 0, run.stderr
+    for checkpoint in as_json(cli(server, "checkpoints", "list", "--json")):  # each run's last checkpoint
+        evaluated = cli(server, "evaluate", checkpoint["id"], "--corpus", corpus, "--follow")
+        assert evaluated.returncode == 0, evaluated.stderr
     url = server["SCRATCHLLM_URL"]
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser, page = browser_page(playwright, url + "#/runs", server["SCRATCHLLM_API_KEY"], errors)
-        for run in as_json(cli(server, "jobs", "list", "--json")):
+        for run in as_json(cli(server, "jobs", "list", "--type", "pretrain", "--json")):
             page.check(f"input[aria-label='compare {run['id']}']")  # (the table is redrawn: found each time)
         screenshot(page, tmp_path, "runs")
         page.click("text=compare 2 runs")
         columns = "window.dashboard.charts.train_loss ? window.dashboard.charts.train_loss.data : []"
         wait_for(page, f"({columns}).length === 3 && ({columns}).slice(1).every((c) => c.some((v) => v !== null))")
+        page.wait_for_selector(f".comparison[data-corpus='{corpus}'] td.best")
+        rows = page.locator(f".comparison[data-corpus='{corpus}'] tbody tr")
+        runs = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]  # "1. fast", ...
+        assert sorted(run.split(". ", 1)[1] for run in runs) == ["fast", "slow"]
+        # the lower perplexity is the better, and only it is marked
+        perplexity = page.evaluate(f"""[...document.querySelectorAll(".comparison[data-corpus='{corpus}'] th")]
+            .findIndex((th) => th.textContent === 'perplexity')""")
+        cells = [rows.nth(i).locator("td").nth(perplexity) for i in range(2)]
+        values = [float(cell.inner_text().rstrip(" ★")) for cell in cells]
+        assert ["best" in (cell.get_attribute("class") or "") for cell in cells] == [v == min(values) for v in values]
         screenshot(page, tmp_path, "compare")
         browser.close()
     assert errors == [], errors
@@ -121,13 +138,22 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
     settings = settings_of(server)
     torch.manual_seed(0)
     lm = register_model(settings, GPT(replace(TINY_LM, context_length=1024)).eval())  # room to stream for a while
+    other_lm = register_model(settings, GPT(TINY_LM).eval())
     spam = register_model(settings, GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
-    for name, checkpoint in (("tiny", lm), ("spam", spam)):
-        assert cli(server, "deploy", name, checkpoint).returncode == 0
+    assert cli(server, "deploy", "tiny", lm).returncode == 0
     url = server["SCRATCHLLM_URL"]
     errors: list[str] = []
     with sync_playwright() as playwright:
-        browser, page = browser_page(playwright, url + "#/playground", server["SCRATCHLLM_API_KEY"], errors)
+        browser, page = browser_page(playwright, url + "#/deployments", server["SCRATCHLLM_API_KEY"], errors)
+        page.wait_for_selector("tr[data-deployment='tiny']")
+        page.fill("input[aria-label='deployment name']", "spam")
+        page.select_option("select[aria-label='checkpoint to deploy']", spam)
+        page.click("button:has-text('Deploy')")
+        wait_for(page, "document.querySelector(\"tr[data-deployment='spam']\")?.textContent.includes('ready')")
+        page.select_option("select[aria-label='checkpoint for tiny']", other_lm)
+        time.sleep(2.5)  # a refresh of the table: a choice not applied yet stays
+        assert page.input_value("select[aria-label='checkpoint for tiny']") == other_lm
+        page.goto(url + "#/playground")
         page.wait_for_selector("select[aria-label='deployment']")
         page.select_option("select[aria-label='deployment']", "tiny")
         page.wait_for_selector("button:has-text('Generate')")
@@ -162,5 +188,61 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
         page.evaluate("window.dispatchEvent(new HashChangeEvent('hashchange'))")  # drawn again, knowing the scope
         page.wait_for_selector("tr[data-deployment='tiny']")
         assert page.is_disabled("tr[data-deployment='tiny'] >> text=Serve it")
+        browser.close()
+    assert errors == [], errors
+
+
+def test_data_and_models_uploads_evaluates_and_draws_the_confusion_matrix(server, shared_data, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    from model import GPTClassifier
+    from tests.helpers import TINY_LM, register_model
+    from tests.integration.test_faults import settings_of
+
+    torch.manual_seed(0)
+    classifier = register_model(settings_of(server), GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
+    url = server["SCRATCHLLM_URL"]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright, url + "#/data", server["SCRATCHLLM_API_KEY"], errors)
+        page.wait_for_selector(f"tr[data-checkpoint='{classifier}']")
+        page.evaluate("""() => {  // every value the upload's progress bar shows
+            const bar = document.querySelector("progress[aria-label='upload progress']");
+            window.shown = [];
+            new MutationObserver(() => window.shown.push(bar.value)).observe(bar, {attributes: true});
+        }""")
+        page.set_input_files("input[aria-label='corpus file']", str(shared_data / "SMSSpamCollection.tsv"))
+        page.select_option("select[aria-label=kind]", "classification")
+        page.fill("input[aria-label='corpus name']", "sms")
+        page.click("button:has-text('Upload')")
+        wait_for(page, "document.querySelector('#upload-status').textContent.startsWith('uploaded sms')")
+        assert page.evaluate("Math.max(...window.shown)") == 1
+        corpus = page.get_attribute("tr[data-corpus]:has-text('sms')", "data-corpus")
+        assert "5,574" in page.inner_text(f"tr[data-corpus='{corpus}']")  # records: the UCI file's messages
+
+        page.select_option("select[aria-label='checkpoint to evaluate']", classifier)
+        page.select_option("select[aria-label='corpus to evaluate on']", corpus)
+        page.fill("input[aria-label='max examples']", "200")
+        page.click("button:has-text('Evaluate')")
+        wait_for(page, "location.hash.startsWith('#/evaluations/')")
+        page.wait_for_selector("table.confusion", timeout=60_000)
+        counts = [int(c.replace(",", "")) for c in page.locator("table.confusion td").all_inner_texts()]
+        assert len(counts) == 4 and sum(counts) == 200
+        correct = counts[0] + counts[3]  # the diagonal
+        assert page.inner_text("tr[data-metric=correct] td:nth-child(2)") == f"{correct:,}"
+        assert page.locator("table.examples tbody tr").count() == 10  # the worst examples, by default 10
+        screenshot(page, tmp_path, "evaluation")
+        page.goto(url + "#/data")
+        page.wait_for_selector("tr[data-evaluation] .status-succeeded")
+        screenshot(page, tmp_path, "data")
+        browser.close()
+
+        browser, page = browser_page(playwright, url + "#/data", read_key(server), errors)
+        wait_for(page, "document.querySelector('#who').textContent.includes('read')")
+        page.evaluate("window.dispatchEvent(new HashChangeEvent('hashchange'))")  # drawn again, knowing the scope
+        page.wait_for_selector(f"tr[data-corpus='{corpus}']")
+        for control in ("button:has-text('Upload')", "button:has-text('Evaluate')",
+                        f"tr[data-corpus='{corpus}'] >> text=Delete"):
+            assert page.is_disabled(control), control
         browser.close()
     assert errors == [], errors

@@ -95,12 +95,16 @@ def test_pretraining_reports_progress_metrics_samples_and_checkpoints(tmp_path, 
     assert last.tokens_seen == 12 * 4 * 16 and last.tokens_per_s > 0 and last.eta_s == 0
     val_steps = [step for step, m in recorder.metrics if "val_loss" in m]
     assert val_steps == [4, 8, 12]
+    throughput = [(step, m) for step, m in recorder.metrics if "tokens_seen" in m]  # charted against tokens
+    assert [(step, m["tokens_seen"]) for step, m in throughput] == [(s, s * 4 * 16) for s in range(1, 13)]
+    assert all(m["tokens_per_s"] > 0 for _, m in throughput)
     val = [m for _, m in recorder.metrics if "val_loss" in m][-1]
     assert val["val_perplexity"] == pytest.approx(math.exp(val["val_loss"]))
     assert [step for step, _ in recorder.samples] == [6, 12]
     assert [step for step, _ in recorder.checkpoints] == [5, 10, 12]
     model, _, meta = load_checkpoint(result.checkpoint)
     assert meta["step"] == 12 and meta["metrics"]["val_loss"] == val["val_loss"]
+    assert "tokens_per_s" not in meta["metrics"]  # a checkpoint's metrics measure the model, not the machine
     assert result.train_losses[-1] < result.train_losses[0]
 
 

@@ -1,0 +1,95 @@
+// A new run: pretraining or a finetune from a form, with what it will cost shown before it starts.
+
+import { api, bytes, cannot, el, field, may, send, show } from "./lib.js";
+
+const CORPUS_KIND = { pretrain: "text", finetune_classifier: "classification", finetune_instruct: "instruction" };
+const FINETUNES = ["finetune_classifier", "finetune_instruct"];
+
+export async function newRunPage() {
+  const [corpora, checkpoints, presets] = await Promise.all([api("/v1/corpora?limit=100"),
+    api("/v1/checkpoints?limit=100"), api("/v1/jobs/presets")]);
+  const input = (name, attributes) => el("input", { name, "aria-label": name, ...attributes });
+  const optional = (name, attributes = {}) => input(name, { type: "number", placeholder: "default", ...attributes });
+  // [the control, the job types that use it]; a number left empty is the server's default
+  const form = {
+    type: [el("select", { name: "type", "aria-label": "type" }, Object.keys(CORPUS_KIND).map((t) => el("option", { value: t }, t)))],
+    name: [input("name", { type: "text", placeholder: "optional" })],
+    corpus: [el("select", { name: "corpus", "aria-label": "corpus" })],
+    preset: [el("select", { name: "preset", "aria-label": "preset" }, presets.data.map((p) => el("option", { value: p.name },
+      `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))), ["pretrain"]],
+    base: [el("select", { name: "base", "aria-label": "base checkpoint" }), FINETUNES],
+    steps: [input("steps", { type: "number", value: 200, min: 1 })],
+    batch: [input("batch size", { type: "number", value: 8, min: 1 })],
+    accumulation: [input("grad accum steps", { type: "number", value: 1, min: 1 })],
+    learning_rate: [input("learning rate", { type: "number", value: 0.0006, step: 0.0001, min: 0 })],
+    warmup_steps: [optional("warmup steps", { min: 0 })],
+    eval_interval: [optional("eval interval", { min: 0 })],
+    checkpoint_interval: [optional("checkpoint interval", { min: 0 })],
+    validation_fraction: [optional("validation fraction", { min: 0.01, max: 0.49, step: 0.01 })],
+    devices: [input("devices", { type: "text", placeholder: "1, 2, … or auto", size: 8 })],
+    seed: [optional("seed", { min: 0 })],
+    trainable_blocks: [optional("trainable blocks", { min: 0 }), ["finetune_classifier"]],
+    mask_prompt: [input("mask prompt", { type: "checkbox" }), ["finetune_instruct"]],
+    lora: [input("LoRA", { type: "checkbox" }), FINETUNES],
+    lora_rank: [optional("LoRA rank", { min: 1 }), FINETUNES],
+    lora_alpha: [optional("LoRA alpha", { min: 0, step: 1 }), FINETUNES],
+  };
+  const value = (key) => form[key][0].value;
+  const numbers = (pairs) => Object.fromEntries(pairs.filter(([, key]) => value(key) !== "")
+    .map(([name, key]) => [name, Number(value(key))]));
+  const cost = el("p", { id: "cost", class: "muted" });
+  const submit = el("button", { type: "button", disabled: !may("train"), title: cannot("train") }, "Start");
+  const request = () => {
+    const type = value("type");
+    const devices = value("devices").trim();
+    const body = { type, corpus_id: value("corpus"), name: value("name") || null,
+      hyperparameters: numbers([["max_steps", "steps"], ["batch_size", "batch"], ["grad_accum_steps", "accumulation"],
+        ["learning_rate", "learning_rate"], ["warmup_steps", "warmup_steps"], ["eval_interval", "eval_interval"],
+        ["checkpoint_interval", "checkpoint_interval"]]),
+      ...numbers([["validation_fraction", "validation_fraction"], ["seed", "seed"]]),
+      ...(devices ? { devices: devices === "auto" ? "auto" : Number(devices) } : {}) };
+    if (type === "pretrain") return { ...body, model: { preset: value("preset") } };
+    body.base_checkpoint_id = value("base");
+    if (type === "finetune_classifier") Object.assign(body, numbers([["trainable_blocks", "trainable_blocks"]]));
+    if (type === "finetune_instruct") body.mask_prompt = form.mask_prompt[0].checked;
+    if (form.lora[0].checked) body.lora = numbers([["rank", "lora_rank"], ["alpha", "lora_alpha"]]);
+    return body;
+  };
+  const choices = () => {  // the corpora, checkpoints and options the type can use
+    const type = value("type");
+    form.corpus[0].replaceChildren(...corpora.data.filter((c) => c.kind === CORPUS_KIND[type])
+      .map((c) => el("option", { value: c.id }, `${c.name} (${c.n_records} records)`)));
+    form.base[0].replaceChildren(...checkpoints.data.filter((c) => c.task === "lm")
+      .map((c) => el("option", { value: c.id }, `${c.id} (step ${c.step})`)));
+    for (const [control, types] of Object.values(form)) control.parentElement.hidden = types && !types.includes(type);
+    for (const key of ["lora_rank", "lora_alpha"]) form[key][0].disabled = !form.lora[0].checked;
+  };
+  let pending = null;
+  const estimate = () => {
+    clearTimeout(pending);
+    pending = setTimeout(async () => {
+      try {
+        const e = await send("/v1/jobs/estimate", request());
+        cost.className = e.fits ? "muted" : "error";
+        cost.textContent = `${(e.parameters / 1e6).toFixed(2)}M parameters · about ${bytes(e.memory_bytes)} of memory ` +
+          `(the limit is ${bytes(e.memory_limit_bytes)}) · ${e.tokens_per_step.toLocaleString()} tokens per step` +
+          (e.refusal ? ` · ${e.refusal}` : "");
+      } catch (error) { cost.className = "error"; cost.textContent = error.message; }
+    }, 300);
+  };
+  submit.onclick = async () => {
+    submit.disabled = true;
+    try {
+      const job = await send("/v1/jobs", request());
+      location.hash = `#/jobs/${job.id}`;
+    } catch (error) { cost.className = "error"; cost.textContent = error.message; submit.disabled = false; }
+  };
+  for (const [control] of Object.values(form)) control.addEventListener("input", estimate);
+  form.type[0].addEventListener("change", choices);
+  form.lora[0].addEventListener("change", choices);
+  show(el("h1", {}, "New run"),
+    el("div", { class: "form" }, Object.values(form).map(([control]) => field(control.name, control))),
+    cost, el("p", {}, submit, may("train") ? "" : el("span", { class: "muted" }, " (this key's scope cannot start runs)")));
+  choices();
+  estimate();
+}
