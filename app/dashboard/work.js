@@ -88,7 +88,7 @@ export async function newRunPage() {
   form.type[0].addEventListener("change", choices);
   form.lora[0].addEventListener("change", choices);
   show(el("h1", {}, "New run"),
-    el("div", { class: "form" }, Object.values(form).map(([control]) => field(control.name, control))),
+    el("div", { class: "form" }, Object.values(form).map(([control]) => field(control.getAttribute("aria-label"), control))),
     cost, el("p", {}, submit, may("train") ? "" : el("span", { class: "muted" }, " (this key's scope cannot start runs)")));
   choices();
   estimate();

@@ -195,12 +195,13 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
 def test_data_and_models_uploads_evaluates_and_draws_the_confusion_matrix(server, shared_data, tmp_path):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
-    from model import GPTClassifier
+    from model import GPT, GPTClassifier
     from tests.helpers import TINY_LM, register_model
     from tests.integration.test_faults import settings_of
 
     torch.manual_seed(0)
     classifier = register_model(settings_of(server), GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
+    base = register_model(settings_of(server), GPT(TINY_LM).eval())
     url = server["SCRATCHLLM_URL"]
     errors: list[str] = []
     with sync_playwright() as playwright:
@@ -235,6 +236,21 @@ def test_data_and_models_uploads_evaluates_and_draws_the_confusion_matrix(server
         page.goto(url + "#/data")
         page.wait_for_selector("tr[data-evaluation] .status-succeeded")
         screenshot(page, tmp_path, "data")
+
+        page.goto(url + "#/new")  # a LoRA finetune of a language model into a classifier, from the form
+        page.select_option("select[name=type]", "finetune_classifier")
+        page.select_option("select[aria-label='base checkpoint']", base)
+        assert page.is_hidden("select[name=preset]") and page.is_hidden("input[name='mask prompt']")
+        page.check("input[name=LoRA]")
+        page.fill("input[name='LoRA rank']", "4")
+        page.fill("input[name=steps]", "3")
+        wait_for(page, "document.querySelector('#cost').textContent.includes('parameters')")
+        page.click("button:has-text('Start')")
+        job = wait_for(page, "location.hash.startsWith('#/jobs/') && location.hash.slice(7)")
+        finetune = as_json(cli(server, "jobs", "show", job, "--json"))
+        assert (finetune["type"], finetune["corpus_id"], finetune["base_checkpoint_id"]) == (
+            "finetune_classifier", corpus, base)
+        assert finetune["spec"]["lora"]["rank"] == 4 and finetune["spec"]["hyperparameters"]["max_steps"] == 3
         browser.close()
 
         browser, page = browser_page(playwright, url + "#/data", read_key(server), errors)
