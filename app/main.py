@@ -26,6 +26,7 @@ from app.routers import (
     jobs,
     keys,
     openai_compat,
+    tokens,
 )
 from core.db import Database
 from core.queue import JobQueue
@@ -73,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(classify.router)
     app.include_router(openai_compat.router)
+    app.include_router(tokens.router)
     app.include_router(generation.router, prefix="/d/{deployment}")
+    app.include_router(tokens.deployment_router, prefix="/d/{deployment}")
     app.include_router(dashboard.router)
     dashboard.mount_assets(app)
     # the last added runs first: count every request, then know the caller, then read a bounded body

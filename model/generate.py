@@ -40,6 +40,11 @@ class Decoder:
         hidden = self.model.hidden_states(idx, self.cache, slots)
         return self.head(hidden[:, -1])
 
+    def logits_of_each(self, idx: Tensor, slots: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V] of every position after appending idx [B, T] to the rows' caches (to score them)."""
+        hidden = self.model.hidden_states(idx, self.cache, slots)  # [B, T, C]
+        return self.head(hidden.flatten(0, 1)).unflatten(0, hidden.shape[:2])
+
     def prefill_ragged(self, prompts: list[list[int]], slots: Tensor) -> Tensor:
         """Prefill prompts of different lengths into the given empty slots; logits [B, V] of each last token.
 
@@ -73,7 +78,8 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 
     n = max_new_tokens unless the context is full first (generation then ends: finish reason `length`)
     or every row has produced eos_id (rows that finished earlier are filled with eos_id).
     """
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
     B, T = idx.shape
     _check_prompt(model, T)
     n_new = max(0, min(max_new_tokens, model.config.context_length - T))
@@ -88,7 +94,8 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 
             logits = model(out[:, :position])[0][:, -1]
         else:
             logits = decoder.logits(out[:, :position] if i == 0 else out[:, position - 1: position])
-        token = next_token(logits, params, out[:, :position], generators)
+        token = next_token(logits, params, out[:, :position] if params.uses_history else None, generators,
+                           n_prompt=T)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)
             done |= token == eos_id
@@ -119,7 +126,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int,
         tokens = torch.cat([
             next_token(logits[row: row + 1], params,
                        torch.tensor([prompts[i] + outputs[i]], device=device) if params.uses_history else None,
-                       None if generators is None else [generators[i]])
+                       None if generators is None else [generators[i]], n_prompt=len(prompts[i]))
             for row, i in enumerate(active)
         ]).tolist()
         still = []
@@ -155,7 +162,7 @@ def stream_generate(model: GPT, tokenizer, prompt: list[int], max_new_tokens: in
     logits = decoder.logits(torch.tensor([prompt], dtype=torch.long, device=device))
     for i in range(n_new):
         seen = torch.tensor([history], device=device) if params.uses_history else None
-        token = int(next_token(logits, params, seen, generators))
+        token = int(next_token(logits, params, seen, generators, n_prompt=len(prompt)))
         event = token_event(text, token, eos_id, n_new - 1 - i)
         yield event
         if event.finish_reason is not None:

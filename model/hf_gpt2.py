@@ -21,12 +21,15 @@ from torch import Tensor
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.hf_tokenizer import hf_tokenizer_files
 from model.json_text import parse_json
 from model.lora import has_lora
+from model.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 GPT2_EOT_ID = 50256
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our MLP computes
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -248,8 +251,11 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     return model.eval()
 
 
-def export_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
-    """Write model as a Hugging Face GPT-2 checkpoint directory that GPT2LMHeadModel.from_pretrained loads."""
+def export_hf_gpt2(model: GPT, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+    """Write model as a Hugging Face GPT-2 checkpoint directory that GPT2LMHeadModel.from_pretrained loads. Given
+    the model's tokenizer, its files for AutoTokenizer.from_pretrained (model.hf_tokenizer) and its end-of-text id
+    go along; without one, GPT-2's id is assumed. ValueError, before anything is written, for what Hugging Face
+    GPT-2 cannot express."""
     if not isinstance(model, GPT):
         raise ValueError(f"only a GPT language model can be exported as GPT-2, got {type(model).__name__}")
     if has_lora(model):
@@ -258,6 +264,7 @@ def export_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
     if not (c.qkv_bias and c.bias):
         raise ValueError(f"GPT-2 has biases on every linear layer and LayerNorm; this model has "
                          f"qkv_bias={c.qkv_bias}, bias={c.bias}, which Hugging Face GPT-2 cannot express")
+    tokenizer_files = hf_tokenizer_files(tokenizer, c.context_length) if tokenizer is not None else {}
 
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -280,12 +287,16 @@ def export_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
         "attn_pdrop": c.dropout,
         "tie_word_embeddings": c.tie_embeddings,
     }
-    # GPT-2's <|endoftext|> id would point outside a smaller vocabulary, which transformers warns about.
-    if c.vocab_size > GPT2_EOT_ID:
-        hf_config.update(bos_token_id=GPT2_EOT_ID, eos_token_id=GPT2_EOT_ID)
+    eot_id = GPT2_EOT_ID if tokenizer is None else tokenizer.eot_id
+    # An end-of-text id outside the vocabulary (GPT-2's, for a smaller one) makes transformers warn.
+    special_ids = {"bos_token_id": eot_id, "eos_token_id": eot_id} if eot_id < c.vocab_size else {}
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
-    (path / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
+    (path / CONFIG).write_text(json.dumps({**hf_config, **special_ids}, indent=2) + "\n")
+    if special_ids:  # as save_pretrained writes it: servers such as vLLM read the stop token from there
+        (path / GENERATION_CONFIG).write_text(json.dumps(special_ids, indent=2) + "\n")
+    for name, text in tokenizer_files.items():
+        (path / name).write_text(text, encoding="utf-8")
     return path

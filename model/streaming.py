@@ -11,10 +11,20 @@ from dataclasses import dataclass
 
 @dataclass
 class StreamEvent:
-    token_id: int
+    token_id: int | None  # None on the one event of a request that only scores its prompt
     text: str  # the text this token makes safe to emit; may be empty
     finish_reason: str | None = None  # `length`, `eos` or `stop` on the last event
     logprob: float | None = None  # log-probability of the token under the model (before sampling filters)
+    top_logprobs: list[tuple[int, float]] | None = None  # the likeliest tokens there, best first, when asked
+
+
+@dataclass
+class TokenLogprob:
+    """A prompt token scored by the model: its log-probability given the tokens before it."""
+
+    token_id: int
+    logprob: float | None  # None for the first token: nothing comes before it
+    top_logprobs: list[tuple[int, float]]  # the likeliest tokens at its position, best first
 
 
 class TextStream:
@@ -71,12 +81,14 @@ class TextStream:
 
 
 def token_event(text: TextStream, token: int, eos_id: int | None, tokens_left: int,
-                logprob: float | None = None) -> StreamEvent:
-    """The event of a newly generated token, and whether it ends the sequence: the EOS token (never emitted),
-    a stop string (never emitted), or no budget left after it (tokens_left: what the token budget and the
-    context still allow after this one)."""
+                logprob: float | None = None, stop_ids: tuple[int, ...] = ()) -> StreamEvent:
+    """The event of a newly generated token, and whether it ends the sequence: the EOS token or one of stop_ids
+    (never emitted), a stop string (never emitted), or no budget left after it (tokens_left: what the token
+    budget and the context still allow after this one)."""
     if token == eos_id:
         return StreamEvent(token, text.finish(), "eos", logprob)
+    if token in stop_ids:
+        return StreamEvent(token, text.finish(), "stop", logprob)
     delta = text.push(token)
     if text.stopped_by is not None:
         return StreamEvent(token, delta, "stop", logprob)

@@ -36,6 +36,10 @@ class GenerationFailed(Exception):
     """The engine failed while generating, or no token came in time."""
 
 
+class InvalidRequest(Exception):
+    """The engine refuses the request as asked (a token id outside the vocabulary, say)."""
+
+
 class PromptTooLong(Exception):
     """A prompt (or the input-th text to classify) holds more tokens than the model's context allows."""
 
@@ -58,12 +62,26 @@ def pick_seed(seed: int | None) -> int:
     return seed if seed is not None else secrets.randbits(32)
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks of each of its sequences beyond its prompt: the protocols' options, in the engine's
+    terms."""
+
+    max_new_tokens: int | None  # None: up to the context; 0: only score the prompt
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None  # sequence i is seeded seed + i
+    n: int = 1  # sequences per prompt
+    logprobs: int | None = None  # likeliest tokens reported beside each generated one
+    prompt_logprobs: int | None = None  # score the prompt, with this many likeliest tokens beside each
+    ignore_eos: bool = False
+
+
 class _Stream:
     """One sequence admitted to an engine, its events arriving on the event loop that admitted it."""
 
-    def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, params: SamplingParams,
-                 stop: tuple[str, ...], seed: int | None, eos_id: int | None, metrics: ServingMetrics,
-                 deployment: str):
+    def __init__(self, engine: Engine, request: EngineRequest, metrics: ServingMetrics, deployment: str):
         self.time_to_first_token = metrics.time_to_first_token.labels(deployment)
         self.inter_token_latency = metrics.inter_token_latency.labels(deployment)
         self.tokens_generated = metrics.tokens_generated.labels(deployment)
@@ -77,11 +95,14 @@ class _Stream:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-        self.request = EngineRequest(prompt, max_new_tokens, params, deliver, eos_id=eos_id, stop=stop, seed=seed)
+        self.request = request
+        request.on_event = deliver
         try:
-            engine.submit(self.request)
+            engine.submit(request)
         except QueueFull as e:
             raise Overloaded(str(e)) from None
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
 
     async def next_event(self, timeout_s: float) -> StreamEvent:
         try:
@@ -95,18 +116,27 @@ class _Stream:
             raise GenerationFailed(f"generation failed: {event}")
         now = time.monotonic()
         (self.time_to_first_token if self.first else self.inter_token_latency).observe(now - self.last_event_at)
-        self.tokens_generated.inc()
+        if event.token_id is not None:
+            self.tokens_generated.inc()
         self.first, self.last_event_at = False, now
         return event
 
 
 class Generation:
-    """The n sequences of one request, admitted together (or not at all); abort() ends those still running,
-    and is a no-op for finished ones: call it when the client goes away and when the answer is complete."""
+    """The sequences of one request (n per prompt, prompt by prompt), admitted together (or not at all); abort()
+    ends those still running, and is a no-op for finished ones: call it when the client goes away and when the
+    answer is complete."""
 
     def __init__(self, streams: list[_Stream], prompt_tokens: int, timeout_s: float):
         self.streams, self.prompt_tokens, self.timeout_s = streams, prompt_tokens, timeout_s
         self.completion_tokens = 0
+
+    def request(self, index: int) -> EngineRequest:
+        """The index-th sequence's engine request: its prompt, and once it has an event, its prompt's scores."""
+        return self.streams[index].request
+
+    def _count(self, event: StreamEvent) -> None:
+        self.completion_tokens += event.token_id is not None
 
     async def events(self) -> AsyncIterator[tuple[int, StreamEvent]]:
         """(sequence index, event) as they come, every sequence to its end."""
@@ -114,7 +144,7 @@ class Generation:
             stream, event = self.streams[0], None
             while event is None or event.finish_reason is None:
                 event = await stream.next_event(self.timeout_s)
-                self.completion_tokens += 1
+                self._count(event)
                 yield 0, event
             return
         pending = {asyncio.ensure_future(s.next_event(self.timeout_s)): i for i, s in enumerate(self.streams)}
@@ -124,7 +154,7 @@ class Generation:
                 for future in done:
                     index = pending.pop(future)
                     event = future.result()
-                    self.completion_tokens += 1
+                    self._count(event)
                     yield index, event
                     if event.finish_reason is None:
                         pending[asyncio.ensure_future(self.streams[index].next_event(self.timeout_s))] = index
@@ -176,30 +206,38 @@ class EngineClient:
         return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
 
     @staticmethod
-    def check_fits(model: Model, prompt: list[int]) -> None:
-        """PromptTooLong unless at least one token fits after the prompt."""
+    def check_fits(model: Model, prompt: list[int], room: int = 1) -> None:
+        """PromptTooLong unless room tokens fit after the prompt (0: a prompt only scored)."""
         context = model.loaded.engine.context_length
-        if len(prompt) >= context:
+        if len(prompt) + room > context:
             raise PromptTooLong(len(prompt), context)
 
-    def generate(self, model: Model, prompt: list[int], max_new_tokens: int | None, params: SamplingParams,
-                 stop: tuple[str, ...] = (), seed: int | None = None, n: int = 1) -> Generation:
-        """Admit n sequences continuing prompt (seeded seed, seed + 1, ...); max_new_tokens None: up to the
-        context. PromptTooLong when no token fits after the prompt, Overloaded when the engine is full."""
-        self.check_fits(model, prompt)
+    def generate(self, model: Model, prompts: list[list[int]], asked: Asked) -> Generation:
+        """Admit asked.n sequences for each prompt, every one or none. PromptTooLong when a prompt leaves no room,
+        Overloaded when the engine is full, InvalidRequest when it refuses what is asked."""
         loaded = model.loaded
-        context = loaded.engine.context_length
+        engine, context = loaded.engine, loaded.engine.context_length
+        for prompt in prompts:
+            self.check_fits(model, prompt, room=0 if asked.max_new_tokens == 0 else 1)
+        if len(prompts) * asked.n > engine.capacity:
+            raise InvalidRequest(f"the request asks for {len(prompts) * asked.n} sequences; deployment {model.name} "
+                                 f"holds at most {engine.capacity} at once")
         streams: list[_Stream] = []
         try:
-            for i in range(n):
-                streams.append(_Stream(loaded.engine, prompt, max_new_tokens or context - len(prompt), params, stop,
-                                       None if seed is None else seed + i, loaded.tokenizer.eot_id, self.metrics,
-                                       model.name))
-        except Overloaded:
+            for prompt in prompts:
+                budget = context - len(prompt) if asked.max_new_tokens is None else asked.max_new_tokens
+                for i in range(asked.n):
+                    request = EngineRequest(
+                        prompt, budget, asked.params, on_event=None, stop=asked.stop,
+                        eos_id=None if asked.ignore_eos else loaded.tokenizer.eot_id,
+                        stop_token_ids=asked.stop_token_ids, seed=None if asked.seed is None else asked.seed + i,
+                        logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs)
+                    streams.append(_Stream(engine, request, self.metrics, model.name))
+        except (Overloaded, InvalidRequest):
             for stream in streams:
                 stream.request.abort()
             raise
-        return Generation(streams, len(prompt), self.timeout_s)
+        return Generation(streams, sum(len(p) for p in prompts), self.timeout_s)
 
     async def classify(self, model: Model, texts: list[str], truncate: bool) -> Classified:
         """Every class's probability for each text, in one batch; PromptTooLarge names the first text past the

@@ -21,7 +21,7 @@ import torch
 from model.generate import Decoder, make_generators
 from model.gpt import GPT
 from model.sampling import SamplingParams, next_token
-from model.streaming import StreamEvent, TextStream, token_event
+from model.streaming import StreamEvent, TextStream, TokenLogprob, token_event
 
 PREFILL_CHUNK = 128  # prompt tokens prefilled per engine iteration
 log = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ class Request:
     on_event: Callable[[StreamEvent | Exception], None]
     eos_id: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # report this many likeliest tokens beside each generated one
+    prompt_logprobs: int | None = None  # score the prompt's tokens, reporting this many likeliest beside each
     aborted: bool = False
     # engine state
     slot: int = -1  # -1 while it holds none: waiting, or ended
@@ -48,6 +51,7 @@ class Request:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None  # of the next token, once the prompt is prefilled
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # complete before the first event
 
     def abort(self) -> None:
         """Stop generating for this request at the next engine iteration (client gone, timeout)."""
@@ -105,14 +109,20 @@ class Engine:
     def submit(self, request: Request) -> Request:
         if not request.prompt:
             raise ValueError("the prompt must hold at least one token")
-        if request.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if len(request.prompt) + 1 > self.context_length:
+        scoring_only = request.prompt_logprobs is not None and request.max_new_tokens == 0
+        if request.max_new_tokens < 1 and not scoring_only:
+            raise ValueError("max_new_tokens must be at least 1 (0 only to score the prompt)")
+        if len(request.prompt) + (0 if scoring_only else 1) > self.context_length:
             raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context length "
                              f"{self.context_length}")
         # an id past the embedding fails on the device, and on a GPU takes every other request down with it
-        if not 0 <= min(request.prompt) <= max(request.prompt) < self.model.config.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        vocab = self.model.config.vocab_size
+        ids = [*request.prompt, *request.stop_token_ids, *(token for token, _ in request.params.logit_bias)]
+        if not 0 <= min(ids) <= max(ids) < vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        for asked in (request.logprobs, request.prompt_logprobs):
+            if asked is not None and not 0 <= asked <= vocab:
+                raise ValueError(f"the likeliest tokens reported must number between 0 and {vocab}")
         with self.wakeup:
             if self.stopped:
                 raise RuntimeError("the engine is stopped")
@@ -184,12 +194,43 @@ class Engine:
                 return
 
     def _prefill_chunk(self, request: Request) -> None:
-        chunk = request.prompt[request.prefilled: request.prefilled + PREFILL_CHUNK]
+        start = request.prefilled
+        chunk = request.prompt[start: start + PREFILL_CHUNK]
         idx = torch.tensor([chunk], device=self.device)
-        logits = self.decoder.logits(idx, torch.tensor([request.slot], device=idx.device))
+        slots = torch.tensor([request.slot], device=idx.device)
+        if request.prompt_logprobs is None:
+            logits = self.decoder.logits(idx, slots)
+        else:
+            every = self.decoder.logits_of_each(idx, slots)[0]  # [T, V]
+            self._score_prompt(request, every, start)
+            logits = every[-1:]
         request.prefilled += len(chunk)
-        if request.prefilled == len(request.prompt):
+        if request.prefilled < len(request.prompt):
+            return
+        if request.max_new_tokens == 0:  # scored, nothing to generate
+            self._end(request)
+            request.on_event(StreamEvent(None, "", "length"))
+        else:
             request.logits = logits
+
+    @staticmethod
+    def _likeliest(logprobs: torch.Tensor, k: int | None) -> list[list[tuple[int, float]]]:
+        """The k likeliest (token id, logprob) of each row of logprobs [T, V], best first."""
+        if not k:
+            return [[] for _ in range(len(logprobs))]
+        values, ids = logprobs.topk(k, dim=-1)
+        return [list(zip(row_ids, row_values, strict=True)) for row_ids, row_values in zip(ids.tolist(),
+                                                                                        values.tolist(), strict=True)]
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor, start: int) -> None:
+        """Score the prompt tokens that the chunk's positions [T, V] predict: position i predicts token i + 1."""
+        if start == 0:
+            request.prompt_scores.append(TokenLogprob(request.prompt[0], None, []))
+        targets = request.prompt[start + 1: start + 1 + len(logits)]  # the last position may predict the output
+        logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        request.prompt_scores += [TokenLogprob(token, logprob, top) for token, logprob, top in zip(
+            targets, chosen, self._likeliest(logprobs, request.prompt_logprobs), strict=True)]
 
     def _decode_step(self) -> None:
         ready = []
@@ -201,10 +242,10 @@ class Engine:
         if not ready:
             return
         logits = torch.cat([request.logits for request in ready])  # [B, V]
-        chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row without a repetition penalty
+        chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row that keeps the model's logits
         failed = set()
         for row, request in enumerate(ready):
-            if request.params.greedy and not request.params.uses_history:
+            if request.params.greedy and not request.params.changes_logits:
                 continue
             try:
                 chosen[row] = self._sample(request, logits[row: row + 1])
@@ -212,14 +253,17 @@ class Engine:
                 self._fail(request, e)
                 failed.add(row)
         scores = logits.float()
-        logprobs = (scores.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).tolist()
+        normalizer = torch.logsumexp(scores, dim=-1)  # [B]
+        logprobs = (scores.gather(1, chosen[:, None])[:, 0] - normalizer).tolist()
         tokens = chosen.tolist()
         continuing = []
         for row, (request, token, logprob) in enumerate(zip(ready, tokens, logprobs, strict=True)):
             if row in failed:
                 continue
             try:
-                if self._emit(request, token, logprob):
+                top = None if request.logprobs is None else self._likeliest(
+                    scores[row: row + 1] - normalizer[row], request.logprobs)[0]
+                if self._emit(request, token, logprob, top):
                     continuing.append((request, token))
             except Exception as e:
                 self._fail(request, e)
@@ -237,18 +281,19 @@ class Engine:
 
     def _sample(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
         """The request's next token id from its logits [1, V]."""
-        seen = (torch.tensor([request.prompt + request.generated], device=logits.device)
-                if request.params.uses_history else None)
+        history = (torch.tensor([request.prompt + request.generated], device=logits.device)
+                   if request.params.uses_history else None)
         generators = None if request.generator is None else [request.generator]
-        return next_token(logits, request.params, seen, generators)[0]
+        return next_token(logits, request.params, history, generators, n_prompt=len(request.prompt))[0]
 
-    def _emit(self, request: Request, token: int, logprob: float) -> bool:
+    def _emit(self, request: Request, token: int, logprob: float, top: list[tuple[int, float]] | None) -> bool:
         """Hand the token to the request; False when the request has finished."""
         if token != request.eos_id:
             request.generated.append(token)
         tokens_left = min(request.max_new_tokens - len(request.generated),
                           self.context_length - len(request.prompt) - len(request.generated))
-        event = token_event(request.text, token, request.eos_id, tokens_left, logprob)
+        event = token_event(request.text, token, request.eos_id, tokens_left, logprob, request.stop_token_ids)
+        event.top_logprobs = top
         if event.finish_reason is not None:
             self._end(request)
         request.on_event(event)

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from serving.client import GenerationFailed, Overloaded, PromptTooLarge
+from serving.client import GenerationFailed, InvalidRequest, Overloaded, PromptTooLarge
 from serving.deployments import NotServing
 
 
@@ -36,4 +36,6 @@ def failure_of(error: Exception) -> Failure | None:
         return Failure(424, "generation", str(error))
     if isinstance(error, PromptTooLarge):
         return Failure(413, "validation", str(error))
+    if isinstance(error, InvalidRequest):
+        return Failure(None, "validation", str(error))
     return None

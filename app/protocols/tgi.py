@@ -5,17 +5,22 @@ import json
 from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import RETRY_AFTER_S
 from app.protocols.failures import failure_of, first_problem
+from app.protocols.unsupported import refused_field
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.json_text import parse_json
-from serving.client import MAX_STOP_CHARS, EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.client import MAX_STOP_CHARS, Asked, EngineClient, Generation, Model, PromptTooLong, pick_seed
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 MAX_STOP_SEQUENCES = 16
+MAX_TOP_N_TOKENS = 20
+MAX_BEST_OF = 8
+# TGI's parameters this server does not implement, with the values that mean "not used" (what clients send)
+INERT = {"watermark": (False,)}
 
 
 class TGIError(Exception):
@@ -36,7 +41,7 @@ class TGIError(Exception):
 
 
 class Parameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # TGI clients send fields we have no use for (watermark, ...)
+    model_config = ConfigDict(extra="allow")  # then refused unless inert: see _nothing_unimplemented
 
     max_new_tokens: int = Field(100, ge=1)
     do_sample: bool = False
@@ -44,12 +49,25 @@ class Parameters(BaseModel):
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's, additive")
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
                                                                          max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, lt=2**63)
     details: bool = False
+    decoder_input_details: bool = Field(False, description="the prompt's tokens and logprobs in details.prefill")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description="sample this many; answer the likeliest")
     return_full_text: bool = False
     truncate: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _nothing_unimplemented(self):
+        refused = refused_field(self.model_extra or {}, INERT)
+        if refused is not None:
+            raise ValueError(f"{refused}: not supported by this server with the value sent")
+        if (self.best_of or 1) > 1 and not self.sampling:
+            raise ValueError("best_of > 1 needs sampling (do_sample, temperature, top_k or top_p)")
+        return self
 
     @property
     def sampling(self) -> bool:
@@ -59,13 +77,19 @@ class Parameters(BaseModel):
         sampling = self.sampling
         return SamplingParams(temperature=(self.temperature or 1.0) if sampling else 0.0,
                               top_k=self.top_k if sampling else None, top_p=self.top_p if sampling else None,
-                              repetition_penalty=self.repetition_penalty or 1.0)
+                              repetition_penalty=self.repetition_penalty or 1.0,
+                              frequency_penalty=self.frequency_penalty or 0.0)
 
 
 class GenerateRequest(BaseModel):
     inputs: str = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False
+
+
+def _refuse_for_streams(body: GenerateRequest) -> None:
+    if (body.parameters.best_of or 1) > 1:
+        raise TGIError(422, "best_of > 1 cannot be streamed: the best is known only at the end", "validation")
 
 
 async def parse(request: Request) -> GenerateRequest:
@@ -96,38 +120,61 @@ class Answer:
         return {"finish_reason": FINISH_REASONS[event.finish_reason], "generated_tokens": n_tokens,
                 "seed": self.seed}
 
-    def token(self, event: StreamEvent, text: str) -> dict[str, Any]:
-        return {"id": event.token_id, "text": text, "logprob": event.logprob,
-                "special": event.token_id == self.tokenizer.eot_id}
+    def token(self, token_id: int, text: str, logprob: float | None) -> dict[str, Any]:
+        return {"id": token_id, "text": text, "logprob": logprob, "special": token_id == self.tokenizer.eot_id}
+
+    def top_tokens(self, event: StreamEvent) -> list[dict[str, Any]]:
+        return [self.token(t, self.tokenizer.decode([t]), lp) for t, lp in event.top_logprobs or []]
 
     def final_text(self, text: str) -> str:
         return self.body.inputs + text if self.body.parameters.return_full_text else text
 
-    def answer(self, events: list[StreamEvent]) -> dict[str, Any]:
-        """The non-streaming answer of the whole sequence."""
-        answer: dict[str, Any] = {"generated_text": self.final_text("".join(e.text for e in events))}
-        if self.body.parameters.details:
-            tokens = [self.token(e, self.tokenizer.decode([e.token_id])) for e in events]
-            answer["details"] = {**self.details(events[-1], len(events)), "prefill": [], "tokens": tokens}
-        return answer
+    def sequence(self, index: int, events: list[StreamEvent]) -> dict[str, Any]:
+        """The index-th sequence's text and details, as TGI's answer and its best_of_sequences word them."""
+        p = self.body.parameters
+        prefill = [self.token(s.token_id, self.tokenizer.decode([s.token_id]), s.logprob)
+                   for s in self.generation.request(index).prompt_scores] if p.decoder_input_details else []
+        details = {**self.details(events[-1], len(events)), "prefill": prefill,
+                   "tokens": [self.token(e.token_id, self.tokenizer.decode([e.token_id]), e.logprob) for e in events]}
+        if p.top_n_tokens is not None:
+            details["top_tokens"] = [self.top_tokens(e) for e in events]
+        return {"generated_text": self.final_text("".join(e.text for e in events)), "details": details}
+
+    def answer(self, sequences: list[list[StreamEvent]]) -> dict[str, Any]:
+        """The non-streaming answer: the likeliest sequence, and with details the others sampled (best_of)."""
+        likeliest = sorted(range(len(sequences)), key=lambda i: -sum(e.logprob for e in sequences[i]))
+        best, *others = [self.sequence(i, sequences[i]) for i in likeliest]
+        if not self.body.parameters.details:
+            return {"generated_text": best["generated_text"]}
+        if others:
+            best["details"]["best_of_sequences"] = [{**o["details"], "generated_text": o["generated_text"]}
+                                                    for o in others]
+        return best
 
     def stream_message(self, index: int, event: StreamEvent, texts: list[str]) -> dict[str, Any]:
         last = event.finish_reason is not None
-        return {"index": index, "token": self.token(event, event.text),
-                "generated_text": self.final_text("".join(texts)) if last else None,
-                "details": self.details(event, index) if last else None}
+        message = {"index": index, "token": self.token(event.token_id, event.text, event.logprob),
+                   "generated_text": self.final_text("".join(texts)) if last else None,
+                   "details": self.details(event, index) if last else None}
+        if self.body.parameters.top_n_tokens is not None:
+            message["top_tokens"] = self.top_tokens(event)
+        return message
 
 
-async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | None) -> Answer:
+async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | None, stream: bool) -> Answer:
     """Validate the request against its deployment and admit it, before any byte of the answer is sent."""
+    if stream:
+        _refuse_for_streams(body)
     model = serving(engines, deployment)
     p = body.parameters
     seed = pick_seed(p.seed) if p.sampling else None
+    asked = Asked(p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed=seed, n=p.best_of or 1,
+                  logprobs=p.top_n_tokens, prompt_logprobs=0 if p.decoder_input_details and p.details else None)
     try:
         prompt = await engines.encode(model, body.inputs)
         if p.truncate is not None:
             prompt = prompt[-p.truncate:]
-        generation = engines.generate(model, prompt, p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed)
+        generation = engines.generate(model, [prompt], asked)
     except PromptTooLong as e:
         raise TGIError(422, f"inputs hold {e.n_tokens} tokens; this model's context is {e.context_length} (pass "
                             f"`truncate` to keep only the last tokens)", "validation") from None
@@ -141,5 +188,6 @@ def info(model: Model) -> dict[str, Any]:
     return {"model_id": model.name, "model_sha": model.loaded.checkpoint_id,
             "model_dtype": str(engine.dtype).removeprefix("torch."), "model_device_type": engine.device.type,
             "max_input_tokens": engine.context_length - 1, "max_total_tokens": engine.context_length,
-            "max_concurrent_requests": engine.capacity, "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_concurrent_requests": engine.capacity, "max_best_of": MAX_BEST_OF,
+            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_top_n_tokens": MAX_TOP_N_TOKENS,
             "router": "scratchllm", "version": "0.1.0", "validation_workers": 1, "max_client_batch_size": 1}

@@ -1,12 +1,15 @@
-"""Checkpoints: list (by job), read, download as one archive, delete, and import Hugging Face GPT-2 weights."""
+"""Checkpoints: list (by job), read, download as one archive, export for Hugging Face transformers, delete, and
+import Hugging Face GPT-2 weights."""
 
 import json
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
+from anyio import CancelScope
 from fastapi import APIRouter, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
 from fastapi.responses import StreamingResponse
 from safetensors import safe_open
 from sqlalchemy import select
@@ -24,7 +27,8 @@ from core.enums import CheckpointSource
 from core.errors import Gone, Invalid
 from core.storage import DataDir
 from core.tables import Checkpoint
-from model import gpt2_tokenizer, import_hf_gpt2, read_metadata, save_checkpoint
+from model import export_hf_gpt2, gpt2_tokenizer, import_hf_gpt2, load_checkpoint, read_metadata, save_checkpoint
+from model.checkpoint import CheckpointError
 from model.config import GPT2_VOCAB_SIZE
 from model.json_text import parse_json
 
@@ -61,6 +65,52 @@ def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep) -> Strea
     return StreamingResponse(archive, media_type="application/x-tar", headers={
         "Content-Length": str(archive.size),
         "Content-Disposition": f'attachment; filename="{checkpoint.id}.tar"'})
+
+
+def _export_hf(source: Path, target: Path) -> None:
+    """The checkpoint at source written to target as a Hugging Face GPT-2 directory; Invalid says why it cannot be."""
+    try:
+        model, tokenizer, _ = load_checkpoint(source)
+    except CheckpointError as e:
+        raise Gone(f"the files of the checkpoint cannot be read: {e}") from None
+    try:
+        export_hf_gpt2(model, target, tokenizer)
+    except ValueError as e:
+        raise Invalid(f"the checkpoint cannot be exported as a Hugging Face GPT-2 model: {e}",
+                      param="checkpoint_id") from None
+
+
+async def _removed_after(archive: TarStream, directory: Path) -> AsyncIterator[bytes]:
+    """The archive's chunks, read in the threadpool; then directory is removed, also when the client leaves
+    mid-archive (Starlette may skip a response's background task then, but this generator is always closed)."""
+    chunks = iter(archive)
+    try:
+        async for chunk in iterate_in_threadpool(chunks):
+            yield chunk
+    finally:
+        chunks.close()  # it may hold a file open mid-archive
+        with CancelScope(shield=True):  # a disconnect cancels the stream, not its cleanup
+            await run_in_threadpool(shutil.rmtree, directory, ignore_errors=True)
+
+
+@router.get("/{checkpoint_id}/export", response_class=StreamingResponse)
+async def export_checkpoint(checkpoint: CheckpointDep, storage: StorageDep, format_: Annotated[Literal["hf"], Query(
+        alias="format", description="`hf`: a Hugging Face transformers GPT-2 directory")]) -> StreamingResponse:
+    """A tar archive of the checkpoint as a Hugging Face transformers GPT-2 directory (model.safetensors,
+    config.json, generation_config.json, and the tokenizer's vocab.json, merges.txt and tokenizer_config.json) that
+    GPT2LMHeadModel and AutoTokenizer load with from_pretrained. 422 naming the reason for a checkpoint GPT-2 cannot
+    express: a classifier, unmerged LoRA adapters, a model without biases, a tokenizer with its own regex."""
+    source = _directory(storage, checkpoint)
+    target = storage.staging_path(storage.checkpoints)
+    try:
+        await run_in_threadpool(_export_hf, source, target)
+        archive = TarStream(target, f"{checkpoint.id}-hf")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return StreamingResponse(_removed_after(archive, target), media_type="application/x-tar", headers={
+        "Content-Length": str(archive.size),
+        "Content-Disposition": f'attachment; filename="{checkpoint.id}-hf.tar"'})
 
 
 @router.delete("/{checkpoint_id}", response_model=Deleted, dependencies=[Deployer])

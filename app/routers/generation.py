@@ -21,15 +21,15 @@ router = APIRouter(tags=["generation (TGI)"], dependencies=[Reader], responses=N
 
 
 async def _generate(answer: tgi.Answer, as_list: bool) -> JSONResponse:
-    events = []
+    sequences = [[] for _ in answer.generation.streams]
     try:
-        async for _, event in answer.generation.events():
-            events.append(event)
+        async for index, event in answer.generation.events():
+            sequences[index].append(event)
     except Exception as e:
         raise TGIError.of(e) from None
     finally:
         answer.generation.abort()  # a no-op once finished; stops the sequence if this request was cancelled
-    body = answer.answer(events)
+    body = answer.answer(sequences)
     return JSONResponse([body] if as_list else body)
 
 
@@ -54,8 +54,9 @@ def _generate_stream(answer: tgi.Answer) -> StreamingResponse:
 async def _answer(request: Request, engines, deployment: str | None, stream: bool | None, as_list: bool = False):
     try:
         body = await tgi.parse(request)
-        answer = await tgi.admit(engines, body, deployment)
-        if body.stream if stream is None else stream:
+        streamed = body.stream if stream is None else stream
+        answer = await tgi.admit(engines, body, deployment, streamed)
+        if streamed:
             return _generate_stream(answer)
         return await _generate(answer, as_list)
     except TGIError as e:

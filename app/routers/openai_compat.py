@@ -7,14 +7,13 @@ from app.auth import Reader
 from app.deps import DeploymentsDep, EnginesDep
 from app.errors import NOT_READY
 from app.protocols import openai
-from serving.client import Generation
 
 router = APIRouter(prefix="/v1", tags=["inference (OpenAI)"], dependencies=[Reader])
 
 
-async def _respond(generation: Generation, body: openai.Sampling, model: str, chat: bool):
-    answer = openai.Answer(generation, body, model, chat)
-    if not body.stream:
+async def _respond(answer: openai.Answer):
+    generation = answer.generation
+    if not answer.body.stream:
         try:
             return JSONResponse(await answer.whole())
         finally:
@@ -38,12 +37,10 @@ def list_models(deployments: DeploymentsDep) -> dict:
 @router.post("/completions", responses=NOT_READY)
 async def completions(request: Request, engines: EnginesDep):
     body = await openai.parse(request, openai.CompletionRequest)
-    generation, model = await openai.completion(engines, body)
-    return await _respond(generation, body, model, chat=False)
+    return await _respond(await openai.completion(engines, body))
 
 
 @router.post("/chat/completions", responses=NOT_READY)
 async def chat_completions(request: Request, engines: EnginesDep):
     body = await openai.parse(request, openai.ChatRequest)
-    generation, model = await openai.chat_completion(engines, body)
-    return await _respond(generation, body, model, chat=True)
+    return await _respond(await openai.chat_completion(engines, body))

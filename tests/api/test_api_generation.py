@@ -153,6 +153,47 @@ def test_huggingface_hub_inference_client_streams_from_the_server(served, live_s
         assert client.text_generation("Hello", max_new_tokens=6) == expected["generated_text"]
 
 
+def test_tgi_prompt_details_top_tokens_and_best_of(served, lm, live_server):
+    from huggingface_hub import InferenceClient
+
+    tokenizer = gpt2_tokenizer()
+    ids = tokenizer.encode("Once upon a time")
+    answer = served.post("/generate", json={"inputs": "Once upon a time", "parameters": {
+        "max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 3}}).json()
+    prefill = answer["details"]["prefill"]
+    assert [t["id"] for t in prefill] == ids and prefill[0]["logprob"] is None
+    with torch.no_grad():
+        own = torch.log_softmax(lm(torch.tensor([ids]))[0][0], dim=-1)
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx([own[i, ids[i + 1]].item() for i in range(3)],
+                                                                 abs=1e-4)
+    tokens, top = answer["details"]["tokens"], answer["details"]["top_tokens"]
+    assert len(top) == len(tokens) == 4 and all(len(t) == 3 for t in top)
+    assert all(chosen["id"] == likeliest[0]["id"] for chosen, likeliest in zip(tokens, top, strict=True))  # greedy
+    client = InferenceClient(model=live_server)  # huggingface_hub reads them too
+    output = client.text_generation("Once upon a time", max_new_tokens=4, details=True, decoder_input_details=True,
+                                    top_n_tokens=3)
+    assert [t.id for t in output.details.prefill] == ids and len(output.details.top_tokens) == 4
+    streamed = list(client.text_generation("Once upon a time", max_new_tokens=4, stream=True, details=True,
+                                           top_n_tokens=2))
+    assert all(len(s.top_tokens) == 2 for s in streamed)
+
+    sampled = {"max_new_tokens": 5, "do_sample": True, "seed": 3, "details": True}
+    best = served.post("/generate", json={"inputs": "Hi", "parameters": {**sampled, "best_of": 3}}).json()
+    others = best["details"]["best_of_sequences"]
+    assert len(others) == 2
+    assert sum(t["logprob"] for t in best["details"]["tokens"]) >= max(sum(t["logprob"] for t in o["tokens"])
+                                                                        for o in others)
+    for route, parameters, word in (("/generate", {"grammar": {"type": "json", "value": {}}}, "grammar"),
+                                    ("/generate", {"typical_p": 0.5}, "typical_p"),
+                                    ("/generate", {"best_of": 2}, "needs sampling"),
+                                    ("/generate_stream", {**sampled, "best_of": 2}, "cannot be streamed")):
+        refused = served.post(route, json={"inputs": "Hi", "parameters": parameters})
+        assert refused.status_code == 422 and word in refused.json()["error"], (parameters, refused.text)
+    penalized = served.post("/generate", json={"inputs": "Hi", "parameters": {
+        "max_new_tokens": 3, "frequency_penalty": 1.0, "watermark": False, "adapter_id": None}})
+    assert penalized.status_code == 200, penalized.text
+
+
 def long_deployment(api) -> str:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, context_length=1024, n_layer=4, n_head=4, n_embd=256)  # ~3 s for 1000 tokens

@@ -68,7 +68,8 @@ def test_the_openapi_document_declares_the_key_and_the_only_503s(keyed):
     assert {f"{method} {path}" for method, path, operation in operations if "503" in operation["responses"]} == {
         "GET /health", "POST /v1/jobs", "POST /v1/evaluations", *serving,
         *(f"{route.split()[0]} /d/{{deployment}}{route.split()[1]}" for route in serving if "/v1/" not in route
-          and "classify" not in route)}
+          and "classify" not in route),
+        "POST /tokenize", "POST /detokenize", "POST /d/{deployment}/tokenize"}  # vLLM's and TGI's tokenizers
 
 
 def test_the_dashboard_is_public_but_what_it_calls_is_not(keyed):

@@ -169,10 +169,10 @@ def test_a_poison_request_among_four_streams_fails_alone(model, monkeypatch, poi
     client = BrokenClient(poison == "stubborn callback") if "callback" in poison else Collector()
     victim = Request([666] * 5, 12, params, client, seed=2**70 if poison == "seed" else 1)
     if poison == "sampling":
-        def sample(logits, sampling, *rest):
+        def sample(logits, sampling, *rest, **named):
             if sampling is params:
                 raise RuntimeError("sampling broke")
-            return next_token(logits, sampling, *rest)
+            return next_token(logits, sampling, *rest, **named)
 
         monkeypatch.setattr("serving.engine.next_token", sample)
     if poison == "prefill":

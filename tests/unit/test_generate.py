@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
 from model.generate import Decoder, generate, generate_batch, stream_generate
-from model.sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p, next_token
+from model.sampling import (
+    SamplingParams,
+    adjusted_logits,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    next_token,
+)
 from model.streaming import TextStream
 from model.tokenizer import gpt2_tokenizer
 
@@ -158,7 +165,9 @@ def test_top_k_top_p_and_repetition_penalty():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
-                                 dict(repetition_penalty=0)])
+                                 dict(repetition_penalty=0), dict(min_p=1.5), dict(frequency_penalty=float("inf")),
+                                 dict(presence_penalty=float("nan")), dict(logit_bias=((-1, 1.0),)),
+                                 dict(logit_bias=((3, float("inf")),))])
 def test_invalid_sampling_parameters(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -166,22 +175,52 @@ def test_invalid_sampling_parameters(bad):
 
 EXTREMES = [5e-324, 1e-300, 1e-45, 1e-38, 1e-8, 1.0, 1e8, 1e38, 1e300, float("inf")]
 POSITIVE = st.one_of(st.sampled_from(EXTREMES), st.floats(min_value=0, exclude_min=True))
+FINITE = st.one_of(st.sampled_from([0.0, -2.0, 2.0, 1e300, -1e300]), st.floats(allow_nan=False, allow_infinity=False))
 
 
 @settings(max_examples=300, deadline=None)
 @given(temperature=st.one_of(st.just(0.0), POSITIVE), top_k=st.none() | st.integers(min_value=1, max_value=2**70),
        top_p=st.none() | st.floats(min_value=0, max_value=1, exclude_min=True), penalty=POSITIVE,
        scale=st.sampled_from([0.0, 1.0, 1e4]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       seeded=st.booleans())
+       seeded=st.booleans(), min_p=st.none() | st.floats(min_value=0, max_value=1),
+       additive=st.tuples(FINITE, FINITE), bias=st.lists(st.tuples(st.integers(0, 49), FINITE), max_size=3))
 def test_next_token_is_a_valid_id_for_every_accepted_parameter(temperature, top_k, top_p, penalty, scale, dtype,
-                                                                seeded):
-    params = SamplingParams(temperature, top_k, top_p, penalty)
+                                                                seeded, min_p, additive, bias):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
+                            min_p=min_p, frequency_penalty=additive[0], presence_penalty=additive[1],
+                            logit_bias=tuple(bias))
     logits = (torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
     logits[:, 7] = 0  # a zero logit the penalty sees: 0 * inf and 0 / 0 are NaN
     seen = torch.tensor([[7, 3, 11], [7, 20, 21]])
     generators = [torch.Generator().manual_seed(i) for i in range(2)] if seeded else None
-    token = next_token(logits, params, seen, generators)
+    token = next_token(logits, params, seen, generators, n_prompt=1)
     assert token.shape == (2,) and bool(((token >= 0) & (token < 50)).all())
+
+
+def test_frequency_and_presence_penalties_are_additive_on_the_output_only():
+    logits = torch.tensor([[3.0, 2.9, 2.8, 0.0]])
+    history = torch.tensor([[1, 0, 0, 2]])  # the prompt holds token 1; the output token 0 twice, token 2 once
+    frequency = SamplingParams(frequency_penalty=0.2)
+    assert torch.allclose(adjusted_logits(logits, frequency, history, n_prompt=1),
+                          torch.tensor([[3.0 - 0.4, 2.9, 2.8 - 0.2, 0.0]]))
+    presence = SamplingParams(presence_penalty=0.3)
+    assert torch.allclose(adjusted_logits(logits, presence, history, n_prompt=1),
+                          torch.tensor([[3.0 - 0.3, 2.9, 2.8 - 0.3, 0.0]]))
+    assert next_token(logits, frequency, history, n_prompt=1).item() == 1  # 2.9 beats 2.6 and 2.6
+    assert next_token(logits, SamplingParams(frequency_penalty=-1.0), history, n_prompt=1).item() == 0
+
+
+def test_logit_bias_and_min_p():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
+    assert next_token(logits, SamplingParams(logit_bias=((3, 100.0),))).item() == 3
+    assert next_token(logits, SamplingParams(logit_bias=((0, -100.0), (1, -100.0)))).item() == 2
+    # min_p 0.5 keeps only tokens at least half as likely as the best: token 0 alone (token 1 is e^-1 as likely)
+    draws = {next_token(logits, SamplingParams(temperature=1.0, min_p=0.5), generators=[
+        torch.Generator().manual_seed(i)]).item() for i in range(30)}
+    assert draws == {0}
+    wide = {next_token(logits, SamplingParams(temperature=1.0, min_p=0.3), generators=[
+        torch.Generator().manual_seed(i)]).item() for i in range(60)}
+    assert wide == {0, 1}
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45])
