@@ -39,6 +39,12 @@ class KVCache:
     def n_slots(self) -> int:
         return self.k.shape[1]
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot target the first length positions of slot source (a prompt prefilled once, shared)."""
+        self.k[:, target, :, :length] = self.k[:, source, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
+        self.lengths[target] = length
+
     def reset(self, slots: Tensor | None = None) -> None:
         if slots is None:
             self.lengths.zero_()

@@ -226,13 +226,15 @@ class EngineClient:
         try:
             for prompt in prompts:
                 budget = context - len(prompt) if asked.max_new_tokens is None else asked.max_new_tokens
+                first = None  # the prompt's first sequence prefills it; the others copy its prefill
                 for i in range(asked.n):
                     request = EngineRequest(
                         prompt, budget, asked.params, on_event=None, stop=asked.stop,
                         eos_id=None if asked.ignore_eos else loaded.tokenizer.eot_id,
                         stop_token_ids=asked.stop_token_ids, seed=None if asked.seed is None else asked.seed + i,
-                        logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs)
+                        logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs, twin_of=first)
                     streams.append(_Stream(engine, request, self.metrics, model.name))
+                    first = first or request
         except (Overloaded, InvalidRequest):
             for stream in streams:
                 stream.request.abort()

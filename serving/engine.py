@@ -3,7 +3,8 @@
 Requests join the running batch at any decode step and leave it when they finish. Each request has its
 own slot in a shared KV cache, its own sampling parameters, seed, stop strings and token budget. A new
 request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
-sequences already running for long. Events are handed to each request's callback on the engine thread.
+sequences already running for long. Sequences of one prompt (n, best_of) prefill it once: the first does,
+and the others copy its keys and values. Events are handed to each request's callback on the engine thread.
 
 A failure in one request's own work (its prefill, its sampling, its events, its callback) fails that request
 alone; only a failure of the batched decode step fails every request in flight.
@@ -44,6 +45,7 @@ class Request:
     logprobs: int | None = None  # report this many likeliest tokens beside each generated one
     prompt_logprobs: int | None = None  # score the prompt's tokens, reporting this many likeliest beside each
     aborted: bool = False
+    twin_of: "Request | None" = None  # a request with the same prompt, whose prefill this one copies
     # engine state
     slot: int = -1  # -1 while it holds none: waiting, or ended
     prefilled: int = 0
@@ -51,6 +53,7 @@ class Request:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None  # of the next token, once the prompt is prefilled
+    prompt_logits: torch.Tensor | None = None  # of the token after the prompt: what a twin starts from
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # complete before the first event
 
     def abort(self) -> None:
@@ -164,11 +167,19 @@ class Engine:
             try:
                 request.text = TextStream(self.tokenizer, request.stop)
                 request.generator = (make_generators(request.seed, 1, self.device) or [None])[0]
+                twin = request.twin_of
+                if twin is not None and twin.slot < 0:  # it ended, or never ran: nothing to copy
+                    request.twin_of = None
+                elif twin is not None and twin.prompt_logits is not None:
+                    self._copy_prefill(twin, request)
             except Exception as e:  # a seed torch refuses, say
                 self._fail(request, e)
 
     def _end(self, request: Request) -> None:
         """Take the request out of the batch; its slot is free, and empty for the next one."""
+        for other in self.running:  # a twin still waiting for this prompt's prefill does its own
+            if other.twin_of is request:
+                other.twin_of = None
         self.running.remove(request)
         self.decoder.cache.lengths[request.slot] = 0
         heapq.heappush(self.free_slots, request.slot)
@@ -184,9 +195,10 @@ class Engine:
             log.exception("the callback of a failed request raised")
 
     def _prefill_step(self) -> None:
-        """Advance the prompt of one request that is still being prefilled, by one chunk."""
+        """Advance the prompt of one request that is still being prefilled, by one chunk (a twin waits for the
+        request whose prefill it copies)."""
         for request in self.running:
-            if request.logits is None and not request.aborted:
+            if request.logits is None and not request.aborted and request.twin_of is None:
                 try:
                     self._prefill_chunk(request)
                 except Exception as e:
@@ -207,11 +219,25 @@ class Engine:
         request.prefilled += len(chunk)
         if request.prefilled < len(request.prompt):
             return
+        request.prompt_logits = logits
+        for twin in [other for other in self.running if other.twin_of is request]:
+            self._copy_prefill(request, twin)
+        self._prefilled(request)
+
+    def _copy_prefill(self, source: Request, twin: Request) -> None:
+        """Give twin the prompt source prefilled: its keys and values, scores and next-token logits."""
+        self.decoder.cache.copy_prefix(source.slot, twin.slot, len(source.prompt))
+        twin.twin_of = None
+        twin.prefilled = len(twin.prompt)
+        twin.prompt_scores, twin.prompt_logits = source.prompt_scores, source.prompt_logits
+        self._prefilled(twin)
+
+    def _prefilled(self, request: Request) -> None:
         if request.max_new_tokens == 0:  # scored, nothing to generate
             self._end(request)
             request.on_event(StreamEvent(None, "", "length"))
         else:
-            request.logits = logits
+            request.logits = request.prompt_logits
 
     @staticmethod
     def _likeliest(logprobs: torch.Tensor, k: int | None) -> list[list[tuple[int, float]]]:

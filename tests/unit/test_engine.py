@@ -202,3 +202,64 @@ def test_a_temperature_too_small_to_sample_from_is_greedy_among_four_streams(mod
 def test_a_prompt_id_outside_the_vocabulary_is_refused(engine):
     with pytest.raises(ValueError, match="token ids"):
         engine.submit(Request([1, CONFIG.vocab_size], 5, SamplingParams(), Collector()))
+
+
+def sequences_of_one_prompt(engine, prompt, seeds, max_new_tokens=8, **options):
+    """Submit one sequence per seed on the prompt, the later ones twins of the first; their collectors and
+    requests."""
+    collectors, requests = [], []
+    for seed in seeds:
+        collectors.append(Collector())
+        requests.append(Request(prompt, max_new_tokens, SamplingParams(temperature=1.0), collectors[-1], seed=seed,
+                                twin_of=requests[0] if requests else None, **options))
+        engine.submit(requests[-1])
+    for collector in collectors:
+        assert collector.done.wait(30)
+    return collectors, requests
+
+
+def test_twins_prefill_their_prompt_once_and_sample_as_if_alone(model, monkeypatch):
+    prefills = []
+    original = Decoder.logits
+
+    def counting(decoder, idx, slots=None):
+        if idx.shape[1] > 1:
+            prefills.append(idx.shape[1])
+        return original(decoder, idx, slots)
+
+    monkeypatch.setattr(Decoder, "logits", counting)
+    engine = Engine(model, gpt2_tokenizer(), max_batch=3, max_queue=16).start()  # 3 slots for 4: one waits
+    try:
+        prompt = list(range(100, 140))
+        alone = [sequences_of_one_prompt(engine, prompt, [seed])[0][0].tokens for seed in (1, 2, 3, 4)]
+        prefills.clear()
+        twins, _ = sequences_of_one_prompt(engine, prompt, [1, 2, 3, 4])
+        assert [c.tokens for c in twins] == alone
+        # the first prefilled it; the second and third copied it; the fourth, admitted once a slot was free,
+        # copied it from the first (still running) or prefilled it itself
+        assert sum(prefills) in (len(prompt), 2 * len(prompt))
+    finally:
+        engine.stop()
+
+
+def test_a_twin_whose_first_is_aborted_prefills_itself(engine, model):
+    prompt = [5, 6, 7, 8]
+    first = Request(prompt, 8, SamplingParams(), Collector())
+    first.abort()  # before it is admitted: it never prefills
+    twin = Collector()
+    engine.submit(first)
+    engine.submit(Request(prompt, 8, SamplingParams(), twin, twin_of=first))
+    assert twin.done.wait(30)
+    assert twin.tokens == generate(model, torch.tensor([prompt]), 8)[0, len(prompt):].tolist()
+
+
+def test_twins_scoring_their_prompt_share_its_scores(engine, model):
+    prompt = list(range(300, 330))
+    collectors, requests = sequences_of_one_prompt(engine, prompt, [1, 2], max_new_tokens=0, prompt_logprobs=2)
+    assert [[(e.token_id, e.finish_reason) for e in c.events] for c in collectors] == [[(None, "length")]] * 2
+    with torch.no_grad():
+        own = torch.log_softmax(model(torch.tensor([prompt]))[0][0], dim=-1)
+    expected = [own[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    for request in requests:
+        assert [s.logprob for s in request.prompt_scores[1:]] == pytest.approx(expected, abs=1e-4)
+        assert all(len(s.top_logprobs) == 2 for s in request.prompt_scores[1:])
