@@ -226,9 +226,14 @@ def deploy(client: Client, args: argparse.Namespace) -> None:
         if e.status != 404:
             raise
         deployment = client.call("POST", "/v1/deployments", json={"name": args.name, **change})
+    deadline = time.monotonic() + args.timeout
     while deployment["state"] == "loading" or deployment["serving_checkpoint_id"] != args.checkpoint:
         if deployment["error"]:
             raise ClientError(f"deployment {args.name}: {deployment['error']}")
+        if time.monotonic() > deadline:
+            raise ClientError(f"deployment {args.name} does not serve {args.checkpoint} after {args.timeout:g} s "
+                              f"(it is {deployment['state']}); `scratchllm deploy` again, or see GET "
+                              f"/v1/deployments/{args.name}")
         time.sleep(POLL_S)
         deployment = client.call("GET", f"/v1/deployments/{args.name}")
     _show(args, deployment, f"deployment {args.name}: {deployment['state']}, checkpoint {args.checkpoint} on "
@@ -363,6 +368,7 @@ def add_commands(commands) -> None:
     deploying.add_argument("--default", action="store_true", help="make it the default deployment")
     deploying.add_argument("--device", default="auto")
     deploying.add_argument("--dtype", default=ServingDtype.AUTO, choices=list(ServingDtype))
+    deploying.add_argument("--timeout", type=float, default=600, help="seconds to wait for it to serve")
 
     generating = command(commands, "generate", generate, "stream a completion to the terminal")
     generating.add_argument("prompt")
