@@ -21,6 +21,7 @@ from model.classification_data import pad_token_ids
 from serving.deployments import DeploymentManager, Loaded
 from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
+from serving.grammar import Grammar, GrammarError, compile_grammar
 from serving.metrics import ServingMetrics
 
 # a stop string is looked for in the text held back after every token, on the engine thread all requests share
@@ -76,6 +77,7 @@ class Asked:
     logprobs: int | None = None  # likeliest tokens reported beside each generated one
     prompt_logprobs: int | None = None  # score the prompt, with this many likeliest tokens beside each
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # each sequence's output follows it
 
 
 class _Stream:
@@ -200,6 +202,16 @@ class EngineClient:
         if len(text) > self.max_prompt_chars:
             raise PromptTooLarge(len(text), self.max_prompt_chars, input_index)
 
+    async def grammar(self, model: Model, kind: str, source: str) -> Grammar:
+        """The compiled grammar of a JSON schema's text or a regular expression, for the model's tokenizer;
+        InvalidRequest says why it does not compile. Compiled off the event loop, and cached."""
+        loaded = model.loaded
+        try:
+            return await asyncio.to_thread(compile_grammar, loaded.tokenizer, loaded.model.config.vocab_size, kind,
+                                           source)
+        except GrammarError as e:
+            raise InvalidRequest(f"the {kind.replace('_', ' ')} does not compile to a grammar: {e}") from None
+
     async def encode(self, model: Model, text: str) -> list[int]:
         """The prompt's token ids; PromptTooLarge past the size limit."""
         self._check_size(text)
@@ -232,7 +244,8 @@ class EngineClient:
                         prompt, budget, asked.params, on_event=None, stop=asked.stop,
                         eos_id=None if asked.ignore_eos else loaded.tokenizer.eot_id,
                         stop_token_ids=asked.stop_token_ids, seed=None if asked.seed is None else asked.seed + i,
-                        logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs, twin_of=first)
+                        logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs, twin_of=first,
+                        constraint=None if asked.grammar is None else asked.grammar.constraint())
                     streams.append(_Stream(engine, request, self.metrics, model.name))
                     first = first or request
         except (Overloaded, InvalidRequest):

@@ -23,6 +23,7 @@ from model.generate import Decoder, make_generators
 from model.gpt import GPT
 from model.sampling import SamplingParams, next_token
 from model.streaming import StreamEvent, TextStream, TokenLogprob, token_event
+from serving.grammar import Constraint
 
 PREFILL_CHUNK = 128  # prompt tokens prefilled per engine iteration
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Request:
     prompt_logprobs: int | None = None  # score the prompt's tokens, reporting this many likeliest beside each
     aborted: bool = False
     twin_of: "Request | None" = None  # a request with the same prompt, whose prefill this one copies
+    constraint: Constraint | None = None  # a grammar the output must follow (serving.grammar)
     # engine state
     slot: int = -1  # -1 while it holds none: waiting, or ended
     prefilled: int = 0
@@ -271,7 +273,7 @@ class Engine:
         chosen = logits.argmax(dim=-1)  # [B]: right for every greedy row that keeps the model's logits
         failed = set()
         for row, request in enumerate(ready):
-            if request.params.greedy and not request.params.changes_logits:
+            if request.params.greedy and not request.params.changes_logits and request.constraint is None:
                 continue
             try:
                 chosen[row] = self._sample(request, logits[row: row + 1])
@@ -310,10 +312,14 @@ class Engine:
         history = (torch.tensor([request.prompt + request.generated], device=logits.device)
                    if request.params.uses_history else None)
         generators = None if request.generator is None else [request.generator]
+        if request.constraint is not None:  # what the grammar forbids stays forbidden whatever the bias or penalty
+            logits = request.constraint.mask(logits)
         return next_token(logits, request.params, history, generators, n_prompt=len(request.prompt))[0]
 
     def _emit(self, request: Request, token: int, logprob: float, top: list[tuple[int, float]] | None) -> bool:
         """Hand the token to the request; False when the request has finished."""
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if token != request.eos_id:
             request.generated.append(token)
         tokens_left = min(request.max_new_tokens - len(request.generated),

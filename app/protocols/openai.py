@@ -25,8 +25,18 @@ from app.protocols.unsupported import ANY, refused_field
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, StreamEvent, format_chat
 from model.json_text import parse_json
-from serving.client import MAX_STOP_CHARS, Asked, EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.client import (
+    MAX_STOP_CHARS,
+    Asked,
+    EngineClient,
+    Generation,
+    InvalidRequest,
+    Model,
+    PromptTooLong,
+    pick_seed,
+)
 from serving.deployments import NotServing, Served
+from serving.grammar import Grammar, json_schema_source
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 MAX_STOP_SEQUENCES = 4
@@ -40,7 +50,7 @@ INERT = {
     "user": ANY, "metadata": ANY, "store": ANY, "service_tier": ANY, "prompt_cache_key": ANY,
     "safety_identifier": ANY, "parallel_tool_calls": ANY,
     "add_special_tokens": ANY,  # GPT-2's tokenizer adds none either way
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
     "function_call": ("none", "auto"), "modalities": (["text"],), "suffix": ("",), "use_beam_search": (False,),
     "length_penalty": (1.0,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,), "min_tokens": (0,), "add_generation_prompt": (True,),
@@ -61,6 +71,26 @@ class StreamOptions(BaseModel):
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="the JSON Schema every answer validates against")
+    strict: bool | None = Field(None, description="answers always follow the schema, strict or not")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type json_schema, and only with it")
+        return self
 
 
 class Sampling(BaseModel):
@@ -85,6 +115,8 @@ class Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = Field(None, description=(
+        "json_object: any JSON object; json_schema: JSON valid against the schema (by constrained decoding)"))
 
     @model_validator(mode="after")
     def _nothing_unimplemented(self):
@@ -116,9 +148,24 @@ class Sampling(BaseModel):
         if any(token >= vocab_size for token in self.stop_token_ids or ()):
             raise APIError(400, f"stop_token_ids must be below {vocab_size}", param="stop_token_ids")
 
-    def asked(self, max_tokens: int | None, extra_stop: tuple[str, ...] = ()) -> Asked:
+    def asked(self, max_tokens: int | None, extra_stop: tuple[str, ...] = (), grammar: Grammar | None = None) -> Asked:
         return Asked(max_tokens, self.sampling_params(), self.stops() + extra_stop,
-                     tuple(self.stop_token_ids or ()), pick_seed(self.seed), self.n, ignore_eos=self.ignore_eos)
+                     tuple(self.stop_token_ids or ()), pick_seed(self.seed), self.n, ignore_eos=self.ignore_eos,
+                     grammar=grammar)
+
+    async def grammar(self, engines: EngineClient, model: Model) -> Grammar | None:
+        """The grammar response_format asks the output to follow, compiled; None for plain text."""
+        wanted = self.response_format
+        if wanted is None or wanted.type == "text":
+            return None
+        if self.ignore_eos:
+            raise APIError(400, "ignore_eos cannot go with a JSON response_format: the end of the JSON ends the "
+                                "answer", param="ignore_eos")
+        schema = wanted.json_schema.json_schema if wanted.json_schema else None
+        try:
+            return await engines.grammar(model, "json_schema", json_schema_source(schema))
+        except InvalidRequest as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
 
 
 Prompt = Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
@@ -218,7 +265,8 @@ async def completion(engines: EngineClient, body: CompletionRequest) -> "Answer"
     model = serving(engines, body.model)
     body.check_token_ids(model.loaded.model.config.vocab_size)
     scored = body.echo and body.logprobs is not None
-    asked = replace(body.asked(body.max_tokens), n=body.best_of or body.n, logprobs=body.logprobs,
+    asked = replace(body.asked(body.max_tokens, grammar=await body.grammar(engines, model)),
+                    n=body.best_of or body.n, logprobs=body.logprobs,
                     prompt_logprobs=(body.logprobs or 0) if scored or body.max_tokens == 0 else None)
     generation = await admit(engines, model, body.prompts(), asked)
     return Answer(generation, body, model, chat=False)
@@ -229,7 +277,8 @@ async def chat_completion(engines: EngineClient, body: ChatRequest) -> "Answer":
     body.check_token_ids(model.loaded.model.config.vocab_size)
     prompt = chat_prompt(body.messages, model)
     # the model goes on to a next section: the answer is over
-    asked = body.asked(body.max_completion_tokens or body.max_tokens, (NEXT_SECTION,))
+    asked = body.asked(body.max_completion_tokens or body.max_tokens, (NEXT_SECTION,),
+                       await body.grammar(engines, model))
     if body.logprobs:
         asked = replace(asked, logprobs=body.top_logprobs or 0)
     generation = await admit(engines, model, [prompt], asked)

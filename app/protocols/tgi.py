@@ -2,7 +2,7 @@
 and answers, and its errors `{error, error_type}` (422 for a request it refuses)."""
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,6 +14,7 @@ from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.json_text import parse_json
 from serving.client import MAX_STOP_CHARS, Asked, EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.grammar import json_schema_source
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 MAX_STOP_SEQUENCES = 16
@@ -40,6 +41,27 @@ class TGIError(Exception):
         return cls(failure.status or 422, failure.message, failure.kind, headers)
 
 
+class GrammarSpec(BaseModel):
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str = Field(description="json: a JSON Schema (an object, or its text); regex: a pattern")
+
+    def source(self) -> tuple[str, str]:
+        """(the grammar's kind, its source) for the engine client."""
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise TGIError(422, "a regex grammar's value is the pattern, a string", "validation")
+            return "regex", self.value
+        schema = self.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError:
+                schema = None
+        if not isinstance(schema, dict):
+            raise TGIError(422, "a json grammar's value is a JSON Schema: an object, or its text", "validation")
+        return "json_schema", json_schema_source(schema)
+
+
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="allow")  # then refused unless inert: see _nothing_unimplemented
 
@@ -57,6 +79,7 @@ class Parameters(BaseModel):
     decoder_input_details: bool = Field(False, description="the prompt's tokens and logprobs in details.prefill")
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description="sample this many; answer the likeliest")
+    grammar: GrammarSpec | None = Field(None, description="the output follows it (constrained decoding)")
     return_full_text: bool = False
     truncate: int | None = Field(None, ge=1)
 
@@ -168,9 +191,11 @@ async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | 
     model = serving(engines, deployment)
     p = body.parameters
     seed = pick_seed(p.seed) if p.sampling else None
-    asked = Asked(p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed=seed, n=p.best_of or 1,
-                  logprobs=p.top_n_tokens, prompt_logprobs=0 if p.decoder_input_details and p.details else None)
     try:
+        grammar = None if p.grammar is None else await engines.grammar(model, *p.grammar.source())
+        asked = Asked(p.max_new_tokens, p.sampling_params(), tuple(p.stop), seed=seed, n=p.best_of or 1,
+                      logprobs=p.top_n_tokens, prompt_logprobs=0 if p.decoder_input_details and p.details else None,
+                      grammar=grammar)
         prompt = await engines.encode(model, body.inputs)
         if p.truncate is not None:
             prompt = prompt[-p.truncate:]

@@ -1,4 +1,5 @@
 import json
+import re
 import time
 
 import pytest
@@ -183,7 +184,8 @@ def test_tgi_prompt_details_top_tokens_and_best_of(served, lm, live_server):
     assert len(others) == 2
     assert sum(t["logprob"] for t in best["details"]["tokens"]) >= max(sum(t["logprob"] for t in o["tokens"])
                                                                         for o in others)
-    for route, parameters, word in (("/generate", {"grammar": {"type": "json", "value": {}}}, "grammar"),
+    for route, parameters, word in (("/generate", {"grammar": {"type": "json", "value": "[1"}}, "JSON Schema"),
+                                    ("/generate", {"grammar": {"type": "yaml", "value": "x"}}, "grammar"),
                                     ("/generate", {"typical_p": 0.5}, "typical_p"),
                                     ("/generate", {"best_of": 2}, "needs sampling"),
                                     ("/generate_stream", {**sampled, "best_of": 2}, "cannot be streamed")):
@@ -192,6 +194,21 @@ def test_tgi_prompt_details_top_tokens_and_best_of(served, lm, live_server):
     penalized = served.post("/generate", json={"inputs": "Hi", "parameters": {
         "max_new_tokens": 3, "frequency_penalty": 1.0, "watermark": False, "adapter_id": None}})
     assert penalized.status_code == 200, penalized.text
+
+
+def test_tgi_grammars_shape_the_output(served):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999}},
+              "required": ["id"], "additionalProperties": False}
+    for value in (schema, json.dumps(schema)):  # an object, or its text
+        answer = served.post("/generate", json={"inputs": "Hi", "parameters": {
+            "max_new_tokens": 30, "do_sample": True, "seed": 4, "grammar": {"type": "json", "value": value}}})
+        assert answer.status_code == 200, answer.text
+        jsonschema.validate(json.loads(answer.json()["generated_text"]), schema)
+    code = served.post("/generate", json={"inputs": "Code:", "parameters": {
+        "max_new_tokens": 20, "grammar": {"type": "regex", "value": "[0-9]{3}-[a-z]{2}"}}})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", code.json()["generated_text"]), code.text
 
 
 def long_deployment(api) -> str:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -165,7 +167,7 @@ def test_best_of_answers_the_likeliest_of_its_samples(client):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("suffix", "!"), ("frobnicate", 1), ("use_beam_search", True), ("min_tokens", 3)])
 def test_a_field_not_implemented_is_refused_by_name(client, field, value):
     import openai
@@ -194,3 +196,41 @@ def test_bad_token_ids_are_refused_by_name(client):
         client.completions.create(model="plain", prompt=[1, 50257], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="best_of"):
         client.completions.create(model="plain", prompt="x", n=3, best_of=2)
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "color": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "color"], "additionalProperties": False}
+
+
+def test_json_schema_output_always_parses_and_validates(client):
+    import jsonschema
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    messages = [{"role": "user", "content": "Describe someone."}]
+    for seed in range(4):  # sampled, so every answer differs, and each follows the schema
+        answer = client.chat.completions.create(model="chatty", messages=messages, max_tokens=60, temperature=1.0,
+                                                seed=seed, response_format=response_format).choices[0]
+        assert answer.finish_reason == "stop", answer
+        jsonschema.validate(json.loads(answer.message.content), PERSON)
+    streamed = client.chat.completions.create(model="chatty", messages=messages, max_tokens=60, seed=9,
+                                              response_format=response_format, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)), PERSON)
+    anything = client.completions.create(model="plain", prompt="JSON:", max_tokens=60, temperature=0.7, seed=1,
+                                         extra_body={"response_format": {"type": "json_object"}}).choices[0]
+    assert anything.text.startswith("{")
+    if anything.finish_reason == "stop":  # the object closed within the budget
+        assert isinstance(json.loads(anything.text), dict)
+
+
+def test_a_schema_without_a_grammar_is_refused_by_name(client):
+    import openai
+
+    for response_format in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "array", "uniqueItems": True}}}, {"type": "json_schema"}, {"type": "yaml"}):
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            client.completions.create(model="plain", prompt="x", max_tokens=5,
+                                      extra_body={"response_format": response_format})
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        client.completions.create(model="plain", prompt="x", max_tokens=5, extra_body={
+            "response_format": {"type": "json_object"}, "ignore_eos": True})
