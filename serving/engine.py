@@ -4,7 +4,8 @@ Requests join the running batch at any decode step and leave it when they finish
 own slot in a shared KV cache, its own sampling parameters, seed, stop strings and token budget. A new
 request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
 sequences already running for long. Sequences of one prompt (n, best_of) prefill it once: the first does,
-and the others copy its keys and values. Events are handed to each request's callback on the engine thread.
+and the others copy its keys and values. A request with a grammar (serving.grammar) chooses each token among
+those its grammar allows. Events are handed to each request's callback on the engine thread.
 
 A failure in one request's own work (its prefill, its sampling, its events, its callback) fails that request
 alone; only a failure of the batched decode step fails every request in flight.
@@ -125,6 +126,8 @@ class Engine:
         ids = [*request.prompt, *request.stop_token_ids, *(token for token, _ in request.params.logit_bias)]
         if not 0 <= min(ids) <= max(ids) < vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if request.twin_of is not None and request.twin_of.prompt != request.prompt:
+            raise ValueError("a twin shares its first's prompt: the prompts differ")
         for asked in (request.logprobs, request.prompt_logprobs):
             if asked is not None and not 0 <= asked <= vocab:
                 raise ValueError(f"the likeliest tokens reported must number between 0 and {vocab}")
