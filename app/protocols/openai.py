@@ -308,7 +308,7 @@ class Answer:
     """The chunks or the whole answer of an admitted request."""
 
     def __init__(self, generation: Generation, body: Sampling, model: Model, chat: bool):
-        self.generation, self.body, self.chat, self.model = generation, body, chat, model
+        self.generation, self.body, self.chat = generation, body, chat
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                      "model": model.name}
         tokenizer = model.loaded.tokenizer
