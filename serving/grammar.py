@@ -14,6 +14,8 @@ from typing import Literal
 
 import llguidance
 import llguidance.torch
+import numpy as np
+import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
 from torch import Tensor
 
@@ -35,8 +37,8 @@ def _llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 class Grammar:
     def __init__(self, tokenizer, vocab_size: int, kind: Literal["json_schema", "regex"], source: str):
-        if kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(source)
+        if kind == "regex":  # \d and \w as ASCII, as TGI's regexes mean them (llguidance's own are Unicode)
+            grammar = llguidance.LLMatcher.grammar_from_lark(f"start: /{llguidance.regex_to_lark(source, 'dw')}/")
         else:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(source, overrides=JSON_FORMAT)
         self.vocab_size = vocab_size
@@ -55,8 +57,9 @@ def compile_grammar(tokenizer, vocab_size: int, kind: Literal["json_schema", "re
 
 
 def json_schema_source(schema: dict | None) -> str:
-    """A JSON schema's text for compile_grammar; None: any JSON object (OpenAI's json_object mode)."""
-    return json.dumps(ANY_JSON_OBJECT if schema is None else schema, sort_keys=True)
+    """A JSON schema's text for compile_grammar; None: any JSON object (OpenAI's json_object mode). Its keys keep
+    their order: the output's properties come in the schema's order, as clients expect."""
+    return json.dumps(ANY_JSON_OBJECT if schema is None else schema, separators=(",", ":"))
 
 
 class Constraint:
@@ -69,9 +72,11 @@ class Constraint:
     def mask(self, logits: Tensor) -> Tensor:
         """logits [1, V] with the tokens the grammar forbids next at -inf."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        masked = logits.float().clone()
-        llguidance.torch.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
-        return masked
+        # unpacked here rather than with llguidance.torch.apply_token_bitmask_inplace, a torch.compile function
+        # that needs a C++ compiler at run time (the images have none) and stalls the engine seconds on first use
+        words = self.bitmask[0].numpy().view(np.uint8)  # little-endian: token 32 i + j is bit j of word i
+        allowed = torch.from_numpy(np.unpackbits(words, count=logits.shape[-1], bitorder="little"))
+        return logits.float().masked_fill(allowed.to(logits.device) == 0, float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -209,6 +209,11 @@ def test_tgi_grammars_shape_the_output(served):
     code = served.post("/generate", json={"inputs": "Code:", "parameters": {
         "max_new_tokens": 20, "grammar": {"type": "regex", "value": "[0-9]{3}-[a-z]{2}"}}})
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", code.json()["generated_text"]), code.text
+    for seed in range(6):  # \d and \w are ASCII, as TGI means them, however the model samples
+        sampled = served.post("/generate", json={"inputs": "Phone:", "parameters": {
+            "max_new_tokens": 20, "do_sample": True, "seed": seed,
+            "grammar": {"type": "regex", "value": r"\d{3} \w{2}"}}})
+        assert re.fullmatch("[0-9]{3} [A-Za-z0-9_]{2}", sampled.json()["generated_text"]), sampled.text
 
 
 def long_deployment(api) -> str:

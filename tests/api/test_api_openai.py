@@ -213,6 +213,7 @@ def test_json_schema_output_always_parses_and_validates(client):
                                                 seed=seed, response_format=response_format).choices[0]
         assert answer.finish_reason == "stop", answer
         jsonschema.validate(json.loads(answer.message.content), PERSON)
+        assert list(json.loads(answer.message.content)) == ["name", "age", "color"]  # the schema's order
     streamed = client.chat.completions.create(model="chatty", messages=messages, max_tokens=60, seed=9,
                                               response_format=response_format, stream=True)
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)), PERSON)
