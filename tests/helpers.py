@@ -48,10 +48,11 @@ def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
     return response.json()["id"]
 
 
-def register_model(settings, model, label_names=None, prompt_format=None) -> str:
-    """Save model into the service's data dir and register it, as a finished training job would."""
-    directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", model, gpt2_tokenizer(),
-                                label_names=label_names, prompt_format=prompt_format)
+def register_model(settings, model, label_names=None, prompt_format=None, tokenizer=None) -> str:
+    """Save model (with GPT-2's tokenizer unless another is given) into the service's data dir and register it, as
+    a finished training job would."""
+    directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", model,
+                                tokenizer or gpt2_tokenizer(), label_names=label_names, prompt_format=prompt_format)
     database = Database(settings.sqlalchemy_url)
     try:
         with database.session() as session:

@@ -1,8 +1,9 @@
 // Data and models: corpora (upload with progress), checkpoints and where they came from, evaluations (start one;
 // one evaluation's numbers, confusion matrix and worst examples).
 
-import { FINAL, api, bytes, cannot, el, facts, field, may, number, repeat, send, show, state, table, upload }
-  from "./lib.js";
+import {
+  FINAL, api, bytes, cannot, deleteButton, el, facts, field, may, number, refill, repeat, send, show, state, table, upload,
+} from "./lib.js";
 import { jobLink } from "./runs.js";
 
 const CORPUS_KINDS = ["text", "classification", "instruction"];
@@ -10,20 +11,6 @@ const FORMATS = ["", "txt", "csv", "tsv", "jsonl", "json"];
 // the numbers an evaluation table shows first, by evaluation kind
 const HEADLINE = { lm: ["perplexity", "bits_per_byte"], classifier: ["accuracy", "macro_f1"],
   instruct: ["token_f1", "exact_match", "judge_score"] };
-
-function remove(path, what, button) {
-  return async () => {
-    if (!confirm(`Delete ${what}? This cannot be undone.`)) return;
-    button.disabled = true;
-    try { await api(path, { method: "DELETE" }); } catch (error) { alert(error.message); button.disabled = false; }
-  };
-}
-
-function deleteButton(path, what) {
-  const button = el("button", { type: "button", disabled: !may("deploy"), title: cannot("deploy") }, "Delete");
-  button.onclick = remove(path, what, button);
-  return button;
-}
 
 function uploadForm() {
   const file = el("input", { type: "file", name: "file", "aria-label": "corpus file" });
@@ -66,12 +53,8 @@ function evaluateForm(checkpoints, corpora) {
   const status = el("span", { class: "muted" });
   const go = el("button", { type: "button", disabled: !may("train"), title: cannot("train") }, "Evaluate");
   const fill = (saved, texts) => {
-    // keep what the user picked across refreshes
-    const [was, wasCorpus] = [checkpoint.value, corpus.value];
-    checkpoint.replaceChildren(...saved.map((c) => el("option", { value: c.id, selected: c.id === was },
-      `${c.id} (${c.task}, step ${c.step})`)));
-    corpus.replaceChildren(...texts.map((c) => el("option", { value: c.id, selected: c.id === wasCorpus },
-      `${c.name} (${c.kind})`)));
+    refill(checkpoint, saved, (c) => `${c.id} (${c.task}, step ${c.step})`);
+    refill(corpus, texts, (c) => `${c.name} (${c.kind})`);
   };
   fill(checkpoints, corpora);
   go.onclick = async () => {
@@ -114,7 +97,7 @@ export async function dataPage() {
       el("td", {}, c.name, el("div", { class: "muted" }, c.id)), el("td", {}, c.kind), el("td", {}, c.format),
       el("td", {}, bytes(c.size_bytes)), el("td", {}, c.n_records.toLocaleString()),
       el("td", {}, c.n_tokens === null ? "" : c.n_tokens.toLocaleString()), el("td", {}, (c.label_names || []).join(", ")),
-      el("td", {}, deleteButton(`/v1/corpora/${c.id}`, `corpus ${c.name}`)))));
+      el("td", {}, deleteButton(`/v1/corpora/${c.id}`, `Delete corpus ${c.name}? This cannot be undone.`)))));
     checkpoints.replaceChildren(...checkpointPage.data.map((c) => {
       const job = jobById.get(c.job_id);
       return el("tr", { "data-checkpoint": c.id }, el("td", {}, c.id), el("td", {}, c.task), el("td", {}, c.step),
@@ -122,7 +105,7 @@ export async function dataPage() {
         el("td", {}, job ? jobLink(job) : c.job_id || (c.source === "import" ? "imported" : "")),
         el("td", {}, job ? corpusName(job.corpus_id) : ""),
         el("td", {}, c.parent_id ? `base ${c.parent_id}` : "scratch"),
-        el("td", {}, deleteButton(`/v1/checkpoints/${c.id}`, `checkpoint ${c.id}`)));
+        el("td", {}, deleteButton(`/v1/checkpoints/${c.id}`, `Delete checkpoint ${c.id}? This cannot be undone.`)));
     }));
     evaluations.replaceChildren(...evaluationPage.data.map((e) => el("tr", { "data-evaluation": e.id },
       el("td", {}, el("a", { href: `#/evaluations/${e.id}` }, e.id)),

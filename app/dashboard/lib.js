@@ -78,6 +78,23 @@ export function field(label, input) {
   return el("label", { class: "field" }, el("span", { class: "muted" }, label), input);
 }
 
+export function deleteButton(path, question) {
+  // DELETE path once the user confirms question; the deploy scope's to do
+  const button = el("button", { type: "button", disabled: !may("deploy"), title: cannot("deploy") }, "Delete");
+  button.onclick = async () => {
+    if (!confirm(question)) return;
+    button.disabled = true;
+    try { await api(path, { method: "DELETE" }); } catch (error) { alert(error.message); button.disabled = false; }
+  };
+  return button;
+}
+
+export function refill(select, items, label) {
+  // the select's options, one per item (by its id), keeping what the user picked across refreshes
+  const was = select.value;
+  select.replaceChildren(...items.map((item) => el("option", { value: item.id, selected: item.id === was }, label(item))));
+}
+
 export function table(headings, body) {
   return el("table", {}, el("thead", {}, el("tr", {}, headings.map((h) => el("th", {}, h)))), body);
 }

@@ -1,7 +1,9 @@
 // Serving: the deployments (create one, point one at another checkpoint) and the playground (streamed generation,
 // chat, classification).
 
-import { api, authorization, cannot, el, field, may, problem, repeat, send, show, table } from "./lib.js";
+import {
+  api, authorization, cannot, deleteButton, el, field, may, problem, refill, repeat, send, show, table,
+} from "./lib.js";
 
 const DTYPES = ["auto", "float32", "bfloat16", "float16"];
 
@@ -26,11 +28,7 @@ function deployForm() {
     } catch (error) { status.className = "error"; status.textContent = error.message; }
     go.disabled = !may("deploy");
   };
-  const fill = (checkpoints) => {
-    const was = checkpoint.value;
-    checkpoint.replaceChildren(...checkpoints.map((c) => el("option", { value: c.id, selected: c.id === was },
-      `${c.id} (${c.task}, step ${c.step})`)));
-  };
+  const fill = (checkpoints) => refill(checkpoint, checkpoints, (c) => `${c.id} (${c.task}, step ${c.step})`);
   return { form: el("div", { class: "filters" }, field("name", name), field("checkpoint", checkpoint),
     field("device", device), field("dtype", dtype), field("default", preferred), go, status), fill };
 }
@@ -55,11 +53,7 @@ export async function deploymentsPage() {
           chosen.delete(d.name);
         } catch (error) { alert(error.message); }
       } }, "Serve it");
-      const removal = el("button", { type: "button", disabled: !may("deploy"), title: cannot("deploy"), onclick: async () => {
-        if (!confirm(`Stop serving ${d.name} and delete the deployment?`)) return;
-        removal.disabled = true;
-        try { await api(`/v1/deployments/${d.name}`, { method: "DELETE" }); } catch (error) { alert(error.message); }
-      } }, "Delete");
+      const removal = deleteButton(`/v1/deployments/${d.name}`, `Stop serving ${d.name} and delete the deployment?`);
       return el("tr", { "data-deployment": d.name }, el("td", {}, d.name + (d.default ? " (default)" : "")),
         el("td", {}, d.task), el("td", { class: d.state === "failed" ? "status-failed" : "" }, d.state),
         el("td", {}, d.served_device ? `${d.served_device} ${d.served_dtype}` : `${d.device} ${d.dtype}`),

@@ -298,9 +298,10 @@ class Choice:
         raw = self.tokenizer.decode_bytes([token])
         return raw.decode("utf-8", errors="replace"), raw
 
-    def next_offset(self, token: int) -> int:
+    def next_offset(self, raw: bytes) -> int:
+        """The offset of the token of these bytes in the text: the characters decoded before it."""
         offset = self.offset
-        self.offset += len(self.offsets.decode(self.tokenizer.decode_bytes([token])))
+        self.offset += len(self.offsets.decode(raw))
         return offset
 
 
@@ -326,10 +327,10 @@ class Answer:
         """OpenAI's legacy logprobs of (token id, logprob, [(id, logprob) likeliest]) in order."""
         texts, logprobs, tops, offsets = [], [], [], []
         for token, logprob, top in tokens:
-            text = choice.token_text(token)[0]
+            text, raw = choice.token_text(token)
             texts.append(text)
             logprobs.append(logprob)
-            offsets.append(choice.next_offset(token))
+            offsets.append(choice.next_offset(raw))
             if logprob is None:
                 tops.append(None)
                 continue

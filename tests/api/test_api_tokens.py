@@ -1,16 +1,13 @@
 """/tokenize in vLLM's and TGI's shapes (the body tells which), /detokenize in vLLM's, and TGI's
 /d/{deployment}/tokenize."""
 
-import uuid
 from dataclasses import replace
 
 import pytest
 
-from core.checkpoints import register_checkpoint
-from core.db import Database
-from model import GPT, PROMPT_FORMAT, GPTClassifier, format_prompt, gpt2_tokenizer, read_metadata, save_checkpoint
+from model import GPT, PROMPT_FORMAT, GPTClassifier, format_prompt, gpt2_tokenizer
 from model.tokenizer import ENDOFTEXT, bpe_tokenizer
-from tests.helpers import TINY_LM, add_checkpoint, assert_error, deploy
+from tests.helpers import TINY_LM, add_checkpoint, assert_error, deploy, register_model
 
 GPT2 = gpt2_tokenizer()
 BYTE_LEVEL = replace(TINY_LM, vocab_size=257)  # a token per byte, and <|endoftext|>
@@ -25,14 +22,7 @@ def served(api, lm):
 def add_byte_level_checkpoint(api) -> str:
     """A checkpoint whose tokenizer has no merges: each UTF-8 byte is a token, its id the byte."""
     tokenizer = bpe_tokenizer([bytes([b]) for b in range(256)], {ENDOFTEXT: 256})
-    settings = api.app.state.services.settings
-    directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", GPT(BYTE_LEVEL), tokenizer)
-    database = Database(settings.sqlalchemy_url)
-    try:
-        with database.session() as session:
-            return register_checkpoint(session, settings.storage, directory, read_metadata(directory)).id
-    finally:
-        database.dispose()
+    return register_model(api.app.state.services.settings, GPT(BYTE_LEVEL), tokenizer=tokenizer)
 
 
 def tgi_error(response, status: int, word: str, error_type: str = "validation") -> None:
