@@ -15,7 +15,7 @@ from core.enums import CheckpointSource
 from core.errors import Conflict
 from core.jobs import ACTIVE
 from core.storage import DataDir
-from core.tables import Checkpoint, Deployment, Evaluation, Job
+from core.tables import Checkpoint, Deployment, DeploymentAdapter, Evaluation, Job
 
 
 def register_checkpoint(session: Session, storage: DataDir, directory: Path, meta: dict, *,
@@ -26,10 +26,18 @@ def register_checkpoint(session: Session, storage: DataDir, directory: Path, met
                             label_names=meta.get("label_names"), metrics=dict(meta.get("metrics") or {}),
                             model_config=meta["model"], tokenizer_type=meta["tokenizer"]["type"],
                             prompt_format=meta.get("prompt_format"), parent_id=meta.get("parent"),
-                            source=meta.get("source", CheckpointSource.TRAINING))
+                            source=meta.get("source", CheckpointSource.TRAINING),
+                            adapter_of_id=meta.get("parent") if meta.get("adapter_of") else None)
     session.add(checkpoint)
     session.flush()
     return checkpoint
+
+
+def base_dir(session: Session, storage: DataDir, checkpoint: Checkpoint) -> Path | None:
+    """The directory of the checkpoint an adapter-only checkpoint is loaded over; None for a full checkpoint."""
+    if checkpoint.adapter_of_id is None:
+        return None
+    return storage.checkpoint_dir(session.get(Checkpoint, checkpoint.adapter_of_id).path)
 
 
 def delete_checkpoint(session: Session, storage: DataDir, checkpoint: Checkpoint) -> None:
@@ -37,6 +45,15 @@ def delete_checkpoint(session: Session, storage: DataDir, checkpoint: Checkpoint
     deployed = session.scalars(select(Deployment.name).where(Deployment.checkpoint_id == checkpoint.id)).all()
     if deployed:
         raise Conflict(f"checkpoint {checkpoint.id} is deployed as {', '.join(deployed)}", param="checkpoint_id")
+    serving_adapter = session.scalars(select(Deployment.name).join(DeploymentAdapter).where(
+        DeploymentAdapter.checkpoint_id == checkpoint.id)).all()
+    if serving_adapter:
+        raise Conflict(f"checkpoint {checkpoint.id} is an adapter of deployment(s) {', '.join(serving_adapter)}",
+                       param="checkpoint_id")
+    adapters = session.scalars(select(Checkpoint.id).where(Checkpoint.adapter_of_id == checkpoint.id)).all()
+    if adapters:
+        raise Conflict(f"checkpoint {checkpoint.id} holds the weights adapter-only checkpoint(s) {', '.join(adapters)} "
+                       f"are loaded over: delete them first", param="checkpoint_id")
     evaluating = select(Evaluation.job_id).where(Evaluation.checkpoint_id == checkpoint.id)
     users = session.scalars(select(Job.id).where(
         Job.status.in_(ACTIVE),

@@ -115,6 +115,8 @@ class Checkpoint(Base):
     prompt_format: Mapped[str | None] = mapped_column(String(20))  # "alpaca" for instruction finetunes
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="SET NULL"))
     source: Mapped[str] = mapped_column(String(20), default=CheckpointSource.TRAINING)
+    # an adapter-only checkpoint holds LoRA's tensors alone: it is loaded over this one, which must stay
+    adapter_of_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="RESTRICT"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -164,6 +166,21 @@ class Deployment(Base):
     dtype: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")  # a ServingDtype
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    adapters: Mapped[list["DeploymentAdapter"]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="DeploymentAdapter.name")
+
+
+class DeploymentAdapter(Base):
+    """An adapter-only checkpoint a deployment serves over its own checkpoint, chosen per request by the model
+    name `<deployment>:<adapter>`."""
+
+    __tablename__ = "deployment_adapters"
+    __table_args__ = (UniqueConstraint("deployment_id", "name", name="uq_deployment_adapters_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="RESTRICT"), index=True)
 
 
 class ApiKey(Base):

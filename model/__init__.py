@@ -7,10 +7,13 @@ from model.bpe import train_bpe
 from model.checkpoint import (
     CheckpointError,
     has_training_state,
+    is_adapter,
+    load_adapter,
     load_checkpoint,
     load_training_state,
     read_metadata,
     save_checkpoint,
+    weights_sha256,
 )
 from model.classification_data import (
     ClassificationData,
@@ -54,8 +57,9 @@ from model.instruction_data import (
     read_instruction_file,
 )
 from model.kv_cache import KVCache
-from model.lora import LoRAConfig, apply_lora, merge_lora
+from model.lora import Adapter, LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model.loss import perplexity
+from model.multi_lora import AdapterSet, MultiLoRALinear, adapter_bytes
 from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
 from model.sampling import SamplingParams
 from model.streaming import StreamEvent, TextStream
@@ -63,6 +67,8 @@ from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_
 from model.trainer import Callback, TrainConfig, Trainer, TrainProgress, TrainResult
 
 __all__ = [
+    "Adapter", "AdapterSet", "MultiLoRALinear", "adapter_bytes", "is_adapter", "load_adapter", "lora_state_dict",
+    "weights_sha256",
     "GPT", "JUDGE_PROMPT", "EvaluationStopped", "LMScore", "classification_report", "classify", "exact_match",
     "generate_responses", "judge_prompt", "parse_judge_score", "response_loss", "score_tokens",
     "token_byte_lengths", "token_f1",

@@ -1,9 +1,10 @@
 """Checkpoints: a directory of safetensors + JSON, never pickles.
 
-    model.safetensors      the weights
+    model.safetensors      the weights; in an adapter-only checkpoint, the LoRA tensors alone
     config.json            model config, tokenizer spec, task (`lm` | `classifier`) and label names, prompt
                            format (the chat template of an instruction model), step, metrics, parent
-                           checkpoint, LoRA config, and the size and sha256 of each file
+                           checkpoint, LoRA config, the sha256 of the base weights an adapter-only checkpoint
+                           was trained on (`adapter_of`), and the size and sha256 of each file
     training.safetensors   optional, for resuming: optimizer tensors and RNG states
     training.json          optional, for resuming: optimizer hyperparameters, scheduler, data position
 
@@ -27,7 +28,7 @@ from model.classifier import GPTClassifier
 from model.config import ConfigError, GPTConfig
 from model.gpt import GPT
 from model.json_text import parse_json
-from model.lora import LoRAConfig, apply_lora, has_lora
+from model.lora import Adapter, LoRAConfig, apply_lora, has_lora, lora_state_dict, merge_lora
 from model.tokenizer import Tokenizer, tokenizer_from_spec
 
 FORMAT = "scratchllm-checkpoint"
@@ -59,10 +60,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokeni
                     metrics: dict | None = None, label_names: list[str] | None = None,
                     parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None,
                     training_state: tuple[dict[str, torch.Tensor], dict] | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, adapter_of: dict | None = None) -> Path:
     """Write model (a GPT or GPTClassifier) and its metadata to the directory path; returns the path.
 
-    training_state is (tensors, json) as the Trainer produces it, stored for an exact resume.
+    training_state is (tensors, json) as the Trainer produces it, stored for an exact resume. adapter_of
+    ({"sha256": weights_sha256 of the base checkpoint's metadata}) makes the checkpoint adapter-only: it holds
+    the LoRA tensors of a language model alone, and loads over that base.
     """
     path = Path(path)
     task = "classifier" if isinstance(model, GPTClassifier) else "lm"
@@ -70,11 +73,19 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokeni
         raise ValueError(f"a classifier with {model.n_classes} classes needs as many label names")
     if has_lora(model) and lora is None:
         raise ValueError("the model has LoRA adapters: pass their LoRAConfig")
+    if adapter_of is not None:
+        if lora is None or not has_lora(model):
+            raise ValueError("an adapter-only checkpoint needs a model with LoRA adapters and their LoRAConfig")
+        if task != "lm":
+            raise ValueError("only a language model's adapters are saved alone: a classifier's head is no adapter")
+        if not isinstance(adapter_of.get("sha256"), str):
+            raise ValueError("adapter_of must hold the sha256 of the base checkpoint's weights")
+    weights = model.state_dict() if adapter_of is None else lora_state_dict(model)
     config = model.config
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(_contiguous(model.state_dict()), staging / WEIGHTS)
+        save_file(_contiguous(weights), staging / WEIGHTS)
         files = [WEIGHTS]
         if training_state is not None:
             tensors, state = training_state
@@ -85,7 +96,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, tokenizer: Tokeni
             "format": FORMAT, "version": VERSION, "task": task, "model": config.to_dict(),
             "tokenizer": tokenizer.spec(), "label_names": label_names if task == "classifier" else None,
             "prompt_format": prompt_format, "step": step, "metrics": metrics or {}, "parent": parent,
-            "lora": lora.to_dict() if lora is not None else None, **(extra or {}),
+            "lora": lora.to_dict() if lora is not None else None, "adapter_of": adapter_of, **(extra or {}),
             "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
                       for name in files},
         }
@@ -143,44 +154,129 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
 
 
-def build_model(meta: dict) -> nn.Module:
-    """An untrained model of the checkpoint's architecture, task and adapters."""
+def is_adapter(meta: dict) -> bool:
+    """Whether the checkpoint holds LoRA tensors alone, to load over the base checkpoint they were trained on."""
+    return meta.get("adapter_of") is not None
+
+
+def weights_sha256(meta: dict) -> str:
+    """The recorded sha256 of a checkpoint's model.safetensors: what an adapter-only checkpoint knows its base by."""
     try:
-        config = GPTConfig.from_dict(meta["model"])
+        return meta["files"][WEIGHTS]["sha256"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"the checkpoint records no sha256 of its {WEIGHTS}") from e
+
+
+def _model_config(meta: dict) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(meta["model"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"invalid model config in checkpoint: {e}") from e
+
+
+def _lora_config(meta: dict) -> LoRAConfig:
+    try:
+        return LoRAConfig(**meta["lora"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid LoRA config in checkpoint: {e}") from e
+
+
+def build_model(meta: dict) -> nn.Module:
+    """An untrained model of the checkpoint's architecture, task and adapters."""
+    config = _model_config(meta)
     if meta["task"] == "classifier":
         labels = meta.get("label_names") or []
         model = GPTClassifier(config, len(labels))
     else:
         model = GPT(config)
     if meta.get("lora"):
-        try:
-            lora = LoRAConfig(**meta["lora"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"invalid LoRA config in checkpoint: {e}") from e
-        apply_lora(model, lora, trainable=(model.head,) if isinstance(model, GPTClassifier) else ())
+        apply_lora(model, _lora_config(meta), trainable=(model.head,) if isinstance(model, GPTClassifier) else ())
     return model
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, metadata) of a checkpoint directory; CheckpointError if broken."""
-    path = Path(path)
-    meta = read_metadata(path)
-    tensors = _load_tensors(_verified(path, meta, WEIGHTS))
-    model = build_model(meta)
-    expected = model.state_dict()
+def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """CheckpointError unless tensors have exactly the names and shapes of expected."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"weights do not match the config: missing {missing[:5]}, "
+        raise CheckpointError(f"{what}s do not match the config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if tensors[k].shape != v.shape]
     if wrong:
-        raise CheckpointError(f"weight shapes do not match the config: {'; '.join(wrong[:5])}")
+        raise CheckpointError(f"{what} shapes do not match the config: {'; '.join(wrong[:5])}")
+
+
+def _adapter_shapes(config: GPTConfig, lora: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of config's GPT adapted by lora, on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        apply_lora(model, lora)
+    except ValueError as e:  # targets no layer
+        raise CheckpointError(f"invalid LoRA config in checkpoint: {e}") from e
+    return lora_state_dict(model)
+
+
+def _adapter(path: Path, meta: dict, base_meta: dict, base_name: str) -> Adapter:
+    """The adapter of the adapter-only checkpoint at path, checked to fit the base of base_meta."""
+    if not is_adapter(meta):
+        raise CheckpointError(f"checkpoint {path} is not adapter-only: it holds a whole model")
+    if meta["task"] != "lm":
+        raise CheckpointError(f"adapter checkpoint {path} has task {meta['task']!r}: only a language model's "
+                              f"adapters load alone")
+    trained_on = meta["adapter_of"].get("sha256") if isinstance(meta["adapter_of"], dict) else None
+    if trained_on != weights_sha256(base_meta):
+        raise CheckpointError(f"adapter checkpoint {path} was trained on other weights than {base_name}")
+    config = _model_config(meta)
+    if config != _model_config(base_meta):
+        raise CheckpointError(f"adapter checkpoint {path} has another model config than {base_name}")
+    lora = _lora_config(meta)
+    tensors = _load_tensors(_verified(path, meta, WEIGHTS))
+    _check_tensors(_adapter_shapes(config, lora), tensors, "adapter tensor")
+    return Adapter(lora, tensors, meta)
+
+
+def load_adapter(path: str | os.PathLike, base_meta: dict) -> Adapter:
+    """The adapter of an adapter-only checkpoint, to serve over the base checkpoint of metadata base_meta
+    (model.multi_lora); CheckpointError if broken or trained on another base."""
+    path = Path(path)
+    return _adapter(path, read_metadata(path), base_meta, "its base")
+
+
+def _load_full(path: Path, meta: dict) -> nn.Module:
+    tensors = _load_tensors(_verified(path, meta, WEIGHTS))
+    model = build_model(meta)
+    _check_tensors(model.state_dict(), tensors, "weight")
     model.load_state_dict(tensors)
+    return model
+
+
+def _load_adapted(path: Path, meta: dict, base: str | os.PathLike | None) -> nn.Module:
+    if base is None:
+        raise CheckpointError(f"checkpoint {path} is adapter-only: it loads over its base, the checkpoint it was "
+                              f"trained on")
+    base_meta = read_metadata(base)
+    if is_adapter(base_meta):
+        raise CheckpointError(f"base {base} of adapter checkpoint {path} is adapter-only itself")
+    adapter = _adapter(path, meta, base_meta, f"base {base}")  # checked before the base's weights are read
+    model = merge_lora(_load_full(Path(base), base_meta))  # a base's own adapters are part of its weights
+    apply_lora(model, adapter.config)
+    model.load_state_dict(adapter.tensors, strict=False)  # the base's weights are loaded already
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    base: str | os.PathLike | None = None) -> tuple[nn.Module, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, metadata) of a checkpoint directory; CheckpointError if broken.
+
+    An adapter-only checkpoint loads over base, the directory of the checkpoint it was trained on: the base's
+    model with the adapters as unmerged LoRA layers, and the adapter checkpoint's metadata. A whole checkpoint
+    ignores base, so a caller may pass any checkpoint's parent.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    model = _load_adapted(path, meta, base) if is_adapter(meta) else _load_full(path, meta)
     try:
         tokenizer = tokenizer_from_spec(meta["tokenizer"])
     except (ValueError, KeyError, TypeError) as e:

@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters on linear layers, trained while the base weights stay frozen.
 
 y = x W^T + b + (alpha / rank) * x A^T B^T, with A [rank, in] random and B [out, rank] zero, so a fresh
-adapter changes nothing. The adapter merges into W for serving.
+adapter changes nothing. The adapter merges into W for serving, or is served apart from W, many adapters over
+one base (model.multi_lora).
 """
 
 import math
@@ -39,6 +40,15 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """A LoRA adapter apart from its base model (an adapter-only checkpoint, `load_adapter`)."""
+
+    config: LoRAConfig
+    tensors: dict[str, Tensor]  # lora_a [rank, in] and lora_b [out, rank] of each adapted layer, state-dict keys
+    meta: dict  # its checkpoint's metadata
 
 
 class LoRALinear(Linear):
@@ -101,3 +111,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters' tensors alone (lora_a and lora_b of every LoRALinear), keyed as in model.state_dict()."""
+    return {f"{name}.{kind}": getattr(module, kind).detach() for name, module in model.named_modules()
+            if isinstance(module, LoRALinear) for kind in ("lora_a", "lora_b")}

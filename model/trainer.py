@@ -159,7 +159,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, tokenizer, out_dir,
                  callback: Callback | None = None, seed: int = 1337, label_names: list[str] | None = None,
-                 parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None):
+                 parent: str | None = None, lora: LoRAConfig | None = None, prompt_format: str | None = None,
+                 adapter_of: dict | None = None):
         self.config = config
         self.rank, self.world = rank_and_world()
         micro_batches(0, config.grad_accum_steps, self.rank, self.world)  # the ranks share the micro-batches
@@ -170,7 +171,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.callback = (callback or Callback()) if self.rank == 0 else Callback()  # rank 0 speaks for all
         self.seed = seed
-        self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora, prompt_format=prompt_format)
+        # adapter_of (see save_checkpoint): every checkpoint holds the adapters alone
+        self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora, prompt_format=prompt_format,
+                                    adapter_of=adapter_of)
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -200,7 +203,8 @@ class Trainer:
                          "config": asdict(self.config)}
 
     def resume(self, checkpoint: str | Path) -> None:
-        """Continue from a checkpoint this trainer's setup wrote; the model must hold its weights."""
+        """Continue from a checkpoint this trainer's setup wrote; the model must hold its weights (an adapter-only
+        checkpoint's, as load_checkpoint(checkpoint, base=...) gives them)."""
         tensors, state = load_training_state(checkpoint)
         saved = state["config"]
         for name in ("grad_accum_steps", "max_steps", "learning_rate", "warmup_steps"):

@@ -171,11 +171,26 @@ class Generation:
 
 @dataclass(frozen=True)
 class Model:
-    """A deployment's name and what it serves at the moment a request came: a request keeps to it, whichever
-    checkpoint the deployment switches to meanwhile."""
+    """A deployment's name, what it serves at the moment a request came (a request keeps to it, whichever
+    checkpoint the deployment switches to meanwhile), and the adapter the request chose over it."""
 
     name: str
     loaded: Loaded
+    adapter: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The model's name as requests give it and answers report it."""
+        return self.name if self.adapter is None else f"{self.name}:{self.adapter}"
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.loaded.checkpoint_id if self.adapter is None else self.loaded.adapters[self.adapter].checkpoint_id
+
+    @property
+    def prompt_format(self) -> str | None:
+        """The chat template it was finetuned with: an adapter's own."""
+        return self.loaded.prompt_format if self.adapter is None else self.loaded.adapters[self.adapter].prompt_format
 
 
 @dataclass
@@ -193,9 +208,10 @@ class EngineClient:
         self.classifying: dict[str, threading.BoundedSemaphore] = {}  # per deployment: its batches running
 
     def serving(self, name: str | None, task: CheckpointTask) -> Model:
-        """The loaded deployment of that name (None: the default one) serving this task, or NotServing."""
-        served = self.deployments.serving(name, task)
-        return Model(served.name, served.current)
+        """The loaded deployment (and adapter) a model name asks for (None: the default deployment) serving this
+        task, or NotServing."""
+        served, adapter = self.deployments.serving(name, task)
+        return Model(served.name, served.current, adapter)
 
     def _check_size(self, text: str, input_index: int | None = None) -> None:
         """PromptTooLarge past the limit: tokenizing takes time in proportion to the text."""
@@ -245,7 +261,8 @@ class EngineClient:
                         eos_id=None if asked.ignore_eos else loaded.tokenizer.eot_id,
                         stop_token_ids=asked.stop_token_ids, seed=None if asked.seed is None else asked.seed + i,
                         logprobs=asked.logprobs, prompt_logprobs=asked.prompt_logprobs, twin_of=first,
-                        constraint=None if asked.grammar is None else asked.grammar.constraint())
+                        constraint=None if asked.grammar is None else asked.grammar.constraint(),
+                        adapter=model.adapter)
                     streams.append(_Stream(engine, request, self.metrics, model.name))
                     first = first or request
         except (Overloaded, InvalidRequest):

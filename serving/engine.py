@@ -5,12 +5,15 @@ own slot in a shared KV cache, its own sampling parameters, seed, stop strings a
 request's prompt is prefilled in chunks between decode steps, so a long prompt does not stall the
 sequences already running for long. Sequences of one prompt (n, best_of) prefill it once: the first does,
 and the others copy its keys and values. A request with a grammar (serving.grammar) chooses each token among
-those its grammar allows. Events are handed to each request's callback on the engine thread.
+those its grammar allows. A request may name one of the engine's LoRA adapters (model.multi_lora), served
+unmerged over the one base model: requests for different adapters and for the base decode in the same batch
+step, each row through its own adapter. Events are handed to each request's callback on the engine thread.
 
 A failure in one request's own work (its prefill, its sampling, its events, its callback) fails that request
 alone; only a failure of the batched decode step fails every request in flight.
 """
 
+import contextlib
 import heapq
 import logging
 import threading
@@ -22,6 +25,8 @@ import torch
 
 from model.generate import Decoder, make_generators
 from model.gpt import GPT
+from model.lora import Adapter
+from model.multi_lora import AdapterSet
 from model.sampling import SamplingParams, next_token
 from model.streaming import StreamEvent, TextStream, TokenLogprob, token_event
 from serving.grammar import Constraint
@@ -49,6 +54,7 @@ class Request:
     aborted: bool = False
     twin_of: "Request | None" = None  # a request with the same prompt, whose prefill this one copies
     constraint: Constraint | None = None  # a grammar the output must follow (serving.grammar)
+    adapter: str | None = None  # the name of the engine's LoRA adapter it runs through; None: the base model
     # engine state
     slot: int = -1  # -1 while it holds none: waiting, or ended
     prefilled: int = 0
@@ -65,8 +71,12 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 adapters: dict[str, Adapter] | None = None):
         self.model = model.eval()
+        self.adapter_set = AdapterSet(model) if adapters else None  # its layers are packed below, as the base's
+        for name, adapter in (adapters or {}).items():
+            self.adapter_set.add(name, adapter)
         if max_batch > 1:
             model.pack_for_batches()
         self.tokenizer = tokenizer
@@ -108,6 +118,11 @@ class Engine:
         return self.max_batch + self.max_queue
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the adapters a request may ask for."""
+        return () if self.adapter_set is None else self.adapter_set.names
+
+    @property
     def load(self) -> tuple[int, int]:
         """(waiting requests, running sequences)."""
         return len(self.waiting), len(self.running)
@@ -128,6 +143,11 @@ class Engine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         if request.twin_of is not None and request.twin_of.prompt != request.prompt:
             raise ValueError("a twin shares its first's prompt: the prompts differ")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            served = f"this model has: {', '.join(self.adapters)}" if self.adapters else "this model has no adapters"
+            raise ValueError(f"no adapter named {request.adapter!r}; {served}")
+        if request.twin_of is not None and request.twin_of.adapter != request.adapter:
+            raise ValueError("a twin shares its first's adapter: the adapters differ")
         for asked in (request.logprobs, request.prompt_logprobs):
             if asked is not None and not 0 <= asked <= vocab:
                 raise ValueError(f"the likeliest tokens reported must number between 0 and {vocab}")
@@ -215,12 +235,13 @@ class Engine:
         chunk = request.prompt[start: start + PREFILL_CHUNK]
         idx = torch.tensor([chunk], device=self.device)
         slots = torch.tensor([request.slot], device=idx.device)
-        if request.prompt_logprobs is None:
-            logits = self.decoder.logits(idx, slots)
-        else:
-            every = self.decoder.logits_of_each(idx, slots)[0]  # [T, V]
-            self._score_prompt(request, every, start)
-            logits = every[-1:]
+        with self._adapters([request.adapter]):
+            if request.prompt_logprobs is None:
+                logits = self.decoder.logits(idx, slots)
+            else:
+                every = self.decoder.logits_of_each(idx, slots)[0]  # [T, V]
+                self._score_prompt(request, every, start)
+                logits = every[-1:]
         request.prefilled += len(chunk)
         if request.prefilled < len(request.prompt):
             return
@@ -228,6 +249,10 @@ class Engine:
         for twin in [other for other in self.running if other.twin_of is request]:
             self._copy_prefill(request, twin)
         self._prefilled(request)
+
+    def _adapters(self, names: list[str | None]) -> contextlib.AbstractContextManager:
+        """Run the forwards inside with batch row i through the adapter names[i] (None: the base)."""
+        return contextlib.nullcontext() if self.adapter_set is None else self.adapter_set.rows(names)
 
     def _copy_prefill(self, source: Request, twin: Request) -> None:
         """Give twin the prompt source prefilled: its keys and values, scores and next-token logits."""
@@ -305,7 +330,8 @@ class Engine:
         idx = torch.tensor([[t] for _, t in continuing], device=self.device)
         in_order = [r.slot for r, _ in continuing] == list(range(len(continuing)))
         slots = None if in_order else torch.tensor([r.slot for r, _ in continuing], device=idx.device)
-        logits = self.decoder.logits(idx, slots)
+        with self._adapters([r.adapter for r, _ in continuing]):
+            logits = self.decoder.logits(idx, slots)
         for row, (request, _) in enumerate(continuing):
             request.logits = logits[row: row + 1]
         self.decode_steps += 1

@@ -1,6 +1,7 @@
 """Assertions and setup shared by the tests."""
 
 import contextlib
+import copy
 import json
 import socket
 import threading
@@ -10,11 +11,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import torch
 from fastapi.testclient import TestClient
 
 from core.checkpoints import register_checkpoint
 from core.db import Database
-from model import GPTConfig, gpt2_tokenizer, read_metadata, save_checkpoint
+from core.tables import Checkpoint
+from model import (
+    GPT,
+    Adapter,
+    GPTConfig,
+    LoRAConfig,
+    apply_lora,
+    gpt2_tokenizer,
+    lora_state_dict,
+    merge_lora,
+    read_metadata,
+    save_checkpoint,
+    weights_sha256,
+)
 
 TINY_LM = GPTConfig(vocab_size=50257, context_length=64, n_layer=2, n_head=4, n_embd=32)  # GPT-2's tokenizer
 
@@ -48,11 +63,12 @@ def upload_corpus(api, content: bytes, filename: str, kind: str) -> str:
     return response.json()["id"]
 
 
-def register_model(settings, model, label_names=None, prompt_format=None, tokenizer=None) -> str:
-    """Save model (with GPT-2's tokenizer unless another is given) into the service's data dir and register it, as
-    a finished training job would."""
+def register_model(settings, model, label_names=None, prompt_format=None, tokenizer=None, **saved) -> str:
+    """Save model (with GPT-2's tokenizer unless another is given; saved: save_checkpoint's other options) into the
+    service's data dir and register it, as a finished training job would."""
     directory = save_checkpoint(settings.data_dir / f"checkpoints/test/{uuid.uuid4().hex}", model,
-                                tokenizer or gpt2_tokenizer(), label_names=label_names, prompt_format=prompt_format)
+                                tokenizer or gpt2_tokenizer(), label_names=label_names, prompt_format=prompt_format,
+                                **saved)
     database = Database(settings.sqlalchemy_url)
     try:
         with database.session() as session:
@@ -63,6 +79,40 @@ def register_model(settings, model, label_names=None, prompt_format=None, tokeni
 
 def add_checkpoint(api, model, label_names=None, prompt_format=None) -> str:
     return register_model(api.app.state.services.settings, model, label_names, prompt_format)
+
+
+def random_lora(base: GPT, lora: LoRAConfig, seed: int, std: float = 0.1) -> GPT:
+    """A copy of base with LoRA layers of random tensors: B too, which a fresh adapter starts at zero."""
+    torch.manual_seed(seed)
+    adapted = copy.deepcopy(base)
+    apply_lora(adapted, lora)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if name.endswith("lora_b"):
+                param.normal_(0, std)
+    return adapted
+
+
+def random_adapter(base: GPT, lora: LoRAConfig, seed: int) -> tuple[Adapter, GPT]:
+    """An adapter of random tensors over base, and base with it merged, to compare against."""
+    adapted = random_lora(base, lora, seed)
+    tensors = {name: tensor.clone() for name, tensor in lora_state_dict(adapted).items()}
+    return Adapter(lora, tensors, {}), merge_lora(adapted).eval()
+
+
+def add_adapter(api, base_id: str, base: GPT, seed: int, prompt_format=None, **lora) -> tuple[str, GPT]:
+    """Register an adapter-only checkpoint of random LoRA weights (LoRAConfig's fields in lora) over base, the model
+    of checkpoint base_id; returns its id and base with the adapter merged in, to compare the served one with."""
+    settings = api.app.state.services.settings
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:
+        base_meta = read_metadata(settings.storage.checkpoint_dir(session.get(Checkpoint, base_id).path))
+    database.dispose()
+    config = LoRAConfig(**lora)
+    adapted = random_lora(base, config, seed, std=0.5)
+    checkpoint_id = register_model(settings, adapted, prompt_format=prompt_format, parent=base_id, lora=config,
+                                   adapter_of={"sha256": weights_sha256(base_meta)})
+    return checkpoint_id, merge_lora(adapted).eval()
 
 
 def deploy(api, name: str, checkpoint_id: str, **extra) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select, update
 
+from core.checkpoints import base_dir
 from core.db import Database, utcnow
 from core.enums import EvaluationKind
 from core.sealing import unseal
@@ -59,6 +60,7 @@ class Target:
     judge_allowed_hosts: list[str]
     checkpoint_path: Path
     corpus_path: Path
+    base_path: Path | None = None  # an adapter-only checkpoint's base
 
 
 @dataclass
@@ -105,7 +107,8 @@ def _read_target(database: Database, settings: Settings, job_id: str) -> Target:
         return Target(evaluation.id, evaluation.kind, evaluation.settings,
                       sealed_key and unseal(settings, sealed_key), settings.judge_allowed_hosts,
                       settings.storage.checkpoint_dir(checkpoint.path),
-                      settings.storage.corpus_file(corpus.id, corpus.format))
+                      settings.storage.corpus_file(corpus.id, corpus.format),
+                      base_dir(session, settings.storage, checkpoint))
 
 
 def _lm(model, tokenizer, target: Target, steps_for, work: Path) -> Outcome:
@@ -219,7 +222,7 @@ def _store(database: Database, evaluation_id: str, outcome: Outcome) -> None:
 def evaluate(database: Database, settings: Settings, job_id: str, reporter: JobReporter) -> dict[str, float] | None:
     """Score the job's checkpoint on its corpus and store the results: the metrics, or None if stopped."""
     target = _read_target(database, settings, job_id)
-    model, tokenizer, meta = load_checkpoint(target.checkpoint_path)
+    model, tokenizer, meta = load_checkpoint(target.checkpoint_path, base=target.base_path)
     if has_lora(model):
         merge_lora(model)
     model.to(pool_device(settings.worker_concurrency))

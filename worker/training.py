@@ -10,6 +10,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.checkpoints import base_dir
 from core.jobs import JobType
 from core.storage import DataDir
 from core.tables import Checkpoint, Corpus, Job
@@ -34,6 +35,7 @@ from model import (
     gpt2_tokenizer,
     has_training_state,
     load_checkpoint,
+    merge_lora,
     open_tokens,
     read_classification_file,
     read_instruction_file,
@@ -41,6 +43,7 @@ from model import (
     split_tokens,
     tokenize_to_memmap,
     train_bpe,
+    weights_sha256,
 )
 from model.data import read_token_info
 
@@ -54,6 +57,7 @@ class Plan:
     label_names: list[str] | None = None
     lora: LoRAConfig | None = None
     prompt_format: str | None = None
+    adapter_of: dict | None = None  # adapter-only checkpoints: what identifies the weights they load over
 
 
 def pool_gpus(worker_concurrency: int) -> list[int]:
@@ -142,18 +146,19 @@ def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path, device
     return Plan(GPT(config), objective, train_config(spec, device), tokenizer)
 
 
-def _base(storage: DataDir, base_path: str):
-    model, tokenizer, meta = load_checkpoint(storage.checkpoint_dir(base_path))
-    return model.train(), tokenizer, meta
+def _base(inputs: "TrainingInputs"):
+    """The base checkpoint's model, adapters merged: the finetune's LoRA, if any, is its own."""
+    model, tokenizer, meta = load_checkpoint(inputs.base_dir, base=inputs.base_adapter_of_dir)
+    return merge_lora(model).train(), tokenizer, meta
 
 
 def _lora(spec: dict) -> LoRAConfig | None:
     return LoRAConfig(**spec["lora"]) if spec.get("lora") else None
 
 
-def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str, device: str) -> Plan:
-    spec, hp = job.spec, job.spec["hyperparameters"]
-    base, tokenizer, _ = _base(storage, base_path)
+def _plan_classifier(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
+    spec, hp, corpora = job.spec, job.spec["hyperparameters"], inputs.corpora
+    base, tokenizer, _ = _base(inputs)
     data = read_classification_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
     if job.validation_corpus_id:
         val = read_classification_file(storage.corpus_file(job.validation_corpus_id,
@@ -177,9 +182,9 @@ def _plan_classifier(job: Job, storage: DataDir, corpora: dict, base_path: str, 
     return Plan(model, objective, train_config(spec, device), tokenizer, label_names=list(data.label_names), lora=lora)
 
 
-def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str, device: str) -> Plan:
-    spec, hp = job.spec, job.spec["hyperparameters"]
-    model, tokenizer, _ = _base(storage, base_path)
+def _plan_instruct(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
+    spec, hp, corpora = job.spec, job.spec["hyperparameters"], inputs.corpora
+    model, tokenizer, base_meta = _base(inputs)
     records = read_instruction_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
     if job.validation_corpus_id:
         val_records = read_instruction_file(storage.corpus_file(job.validation_corpus_id,
@@ -200,20 +205,21 @@ def _plan_instruct(job: Job, storage: DataDir, corpora: dict, base_path: str, de
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora)
-    return Plan(model, objective, train_config(spec, device), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT)
+    adapter_of = {"sha256": weights_sha256(base_meta)} if spec.get("adapter_only") else None
+    return Plan(model, objective, train_config(spec, device), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT,
+                adapter_of=adapter_of)
 
 
-def plan_job(job: Job, storage: DataDir, corpora: dict[str, str], base_path: str | None, device: str) -> Plan:
-    """corpora maps the job's corpus ids to their formats; base_path is the base checkpoint's directory
-    relative to the data dir (finetunes); device is where this process trains."""
+def plan_job(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
+    """What the job trains, on what, from what; device is where this process trains."""
     torch.manual_seed(job.seed)  # new weights (a model, a classifier's head, LoRA's) are the job's own
     work = storage.job_work_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
     if job.type == JobType.PRETRAIN:
-        return _plan_pretrain(job, storage, corpora, work, device)
+        return _plan_pretrain(job, storage, inputs.corpora, work, device)
     if job.type == JobType.FINETUNE_CLASSIFIER:
-        return _plan_classifier(job, storage, corpora, base_path, device)
-    return _plan_instruct(job, storage, corpora, base_path, device)
+        return _plan_classifier(job, storage, inputs, device)
+    return _plan_instruct(job, storage, inputs, device)
 
 
 def prepare_data(job: Job, storage: DataDir, corpora: dict[str, str]) -> None:
@@ -231,10 +237,11 @@ class TrainingInputs:
 
     corpora: dict[str, str]  # corpus id -> format
     base_id: str | None = None
-    base_path: str | None = None
+    base_dir: Path | None = None
+    base_adapter_of_dir: Path | None = None  # where an adapter-only base checkpoint loads over
     resume_id: str | None = None  # the job's latest checkpoint that holds its training state
     resume_step: int = 0
-    resume_path: str | None = None
+    resume_dir: Path | None = None
 
 
 def training_inputs(session: Session, storage: DataDir, job: Job) -> TrainingInputs:
@@ -243,11 +250,13 @@ def training_inputs(session: Session, storage: DataDir, job: Job) -> TrainingInp
                                  .all()))
     if job.base_checkpoint_id:
         base = session.get(Checkpoint, job.base_checkpoint_id)
-        inputs.base_id, inputs.base_path = base.id, base.path
+        inputs.base_id, inputs.base_dir = base.id, storage.checkpoint_dir(base.path)
+        inputs.base_adapter_of_dir = base_dir(session, storage, base)
     for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)
                                       .order_by(Checkpoint.step.desc())):
         if has_training_state(storage.checkpoint_dir(checkpoint.path)):
-            inputs.resume_id, inputs.resume_step, inputs.resume_path = checkpoint.id, checkpoint.step, checkpoint.path
+            inputs.resume_id, inputs.resume_step = checkpoint.id, checkpoint.step
+            inputs.resume_dir = storage.checkpoint_dir(checkpoint.path)
             break
     return inputs
 
@@ -255,12 +264,12 @@ def training_inputs(session: Session, storage: DataDir, job: Job) -> TrainingInp
 def train_job(storage: DataDir, job: Job, inputs: TrainingInputs, callback: Callback, device: str) -> TrainResult:
     """Train the job on device (in every rank's process, for a job on several devices), from its latest
     checkpoint if it has one."""
-    plan = plan_job(job, storage, inputs.corpora, inputs.base_path, device)
+    plan = plan_job(job, storage, inputs, device)
     trainer = Trainer(plan.model, plan.objective, plan.config, plan.tokenizer, storage.job_checkpoints_dir(job.id),
                       callback, seed=job.seed, label_names=plan.label_names, lora=plan.lora, parent=inputs.base_id,
-                      prompt_format=plan.prompt_format)
-    if inputs.resume_path is not None:
-        resume_dir = storage.checkpoint_dir(inputs.resume_path)
-        plan.model.load_state_dict(load_checkpoint(resume_dir)[0].state_dict())
-        trainer.resume(resume_dir)
+                      prompt_format=plan.prompt_format, adapter_of=plan.adapter_of)
+    if inputs.resume_dir is not None:
+        # the job's own checkpoint: an adapter-only one loads over the job's base
+        plan.model.load_state_dict(load_checkpoint(inputs.resume_dir, base=inputs.base_dir)[0].state_dict())
+        trainer.resume(inputs.resume_dir)
     return trainer.train()

@@ -16,7 +16,8 @@ class Failure(NamedTuple):
 
 
 NOT_SERVING = {NotServing.Reason.MISSING: (404, "not_found"), NotServing.Reason.NO_DEFAULT: (503, "unavailable"),
-               NotServing.Reason.LOADING: (503, "unavailable"), NotServing.Reason.WRONG_TASK: (None, "validation")}
+               NotServing.Reason.LOADING: (503, "unavailable"), NotServing.Reason.WRONG_TASK: (None, "validation"),
+               NotServing.Reason.AMBIGUOUS: (None, "validation")}
 
 
 def first_problem(error: ValidationError) -> tuple[str | None, str]:

@@ -225,13 +225,13 @@ def serving(engines: EngineClient, name: str | None) -> Model:
     except NotServing as e:
         error = error_of(e, param=None if e.reason == NotServing.Reason.LOADING else "model")
         if e.reason == NotServing.Reason.MISSING:
-            error.message = f"the model {name!r} does not exist"  # OpenAI's words
+            error.message = f"the model {name!r} does not exist: {e.message}"  # OpenAI's words, then why
         raise error from None
 
 
 def chat_prompt(messages: list[Message], model: Model) -> str:
-    if model.loaded.prompt_format != PROMPT_FORMAT:
-        raise APIError(400, f"model {model.name} has no chat template: it was not instruction-finetuned (use "
+    if model.prompt_format != PROMPT_FORMAT:
+        raise APIError(400, f"model {model.id} has no chat template: it was not instruction-finetuned (use "
                             f"/v1/completions)", param="model")
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
@@ -311,7 +311,7 @@ class Answer:
     def __init__(self, generation: Generation, body: Sampling, model: Model, chat: bool):
         self.generation, self.body, self.chat = generation, body, chat
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                     "model": model.name}
+                     "model": model.id}
         tokenizer = model.loaded.tokenizer
         self.choices = [Choice(tokenizer) for _ in generation.streams]
         self.ending_tokens = {*(body.stop_token_ids or ()), *(() if body.ignore_eos else (tokenizer.eot_id,))}
@@ -444,5 +444,12 @@ class Answer:
 
 
 def models(served: list[Served]) -> dict:
-    return {"object": "list", "data": [{"id": s.name, "object": "model", "created": 0, "owned_by": "scratchllm",
-                                        "root": s.checkpoint_id} for s in served]}
+    """Each deployment, and after it each of its adapters as `<deployment>:<adapter>` with the deployment as its
+    parent (vLLM lists LoRA adapters so); root is the checkpoint served."""
+    def card(model_id: str, checkpoint_id: str, parent: str | None) -> dict:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "scratchllm", "root": checkpoint_id,
+                "parent": parent}
+
+    return {"object": "list", "data": [
+        entry for s in served for entry in (card(s.name, s.checkpoint_id, None), *(
+            card(f"{s.name}:{name}", checkpoint_id, s.name) for name, checkpoint_id in s.adapters.items()))]}

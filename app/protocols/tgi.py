@@ -82,6 +82,8 @@ class Parameters(BaseModel):
     grammar: GrammarSpec | None = Field(None, description="the output follows it (constrained decoding)")
     return_full_text: bool = False
     truncate: int | None = Field(None, ge=1)
+    adapter_id: str | None = Field(None, max_length=100, description=(
+        "one of the deployment's LoRA adapters (TGI's multi-LoRA); the same as the deployment `<name>:<adapter>`"))
 
     @model_validator(mode="after")
     def _nothing_unimplemented(self):
@@ -126,9 +128,18 @@ async def parse(request: Request) -> GenerateRequest:
         raise TGIError(422, first_problem(e)[1], "validation") from None
 
 
-def serving(engines: EngineClient, deployment: str | None) -> Model:
+def serving(engines: EngineClient, deployment: str | None, adapter_id: str | None = None) -> Model:
+    """The deployment's model (None: the default deployment's), or its adapter adapter_id's."""
     try:
-        return engines.serving(deployment, CheckpointTask.LM)
+        model = engines.serving(deployment, CheckpointTask.LM)
+        if adapter_id is None:
+            return model
+        if model.adapter is not None:
+            raise TGIError(422, f"{model.id} is an adapter already: adapter_id is for a deployment's base model",
+                           "validation")
+        return engines.serving(f"{model.name}:{adapter_id}", CheckpointTask.LM)
+    except TGIError:
+        raise
     except Exception as e:
         raise TGIError.of(e) from None
 
@@ -188,8 +199,8 @@ async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | 
     """Validate the request against its deployment and admit it, before any byte of the answer is sent."""
     if stream:
         _refuse_for_streams(body)
-    model = serving(engines, deployment)
     p = body.parameters
+    model = serving(engines, deployment, p.adapter_id)
     seed = pick_seed(p.seed) if p.sampling else None
     try:
         grammar = None if p.grammar is None else await engines.grammar(model, *p.grammar.source())
@@ -210,7 +221,7 @@ async def admit(engines: EngineClient, body: GenerateRequest, deployment: str | 
 
 def info(model: Model) -> dict[str, Any]:
     engine = model.loaded.engine
-    return {"model_id": model.name, "model_sha": model.loaded.checkpoint_id,
+    return {"model_id": model.id, "model_sha": model.checkpoint_id,
             "model_dtype": str(engine.dtype).removeprefix("torch."), "model_device_type": engine.device.type,
             "max_input_tokens": engine.context_length - 1, "max_total_tokens": engine.context_length,
             "max_concurrent_requests": engine.capacity, "max_best_of": MAX_BEST_OF,

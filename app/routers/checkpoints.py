@@ -21,13 +21,21 @@ from app.schemas.common import Deleted, Page
 from app.tar_stream import TarStream
 from app.uploads import receive_upload
 from core import checkpoints
-from core.checkpoints import register_checkpoint
+from core.checkpoints import base_dir, register_checkpoint
 from core.db import new_id
 from core.enums import CheckpointSource
 from core.errors import Gone, Invalid
 from core.storage import DataDir
 from core.tables import Checkpoint
-from model import export_hf_gpt2, gpt2_tokenizer, import_hf_gpt2, load_checkpoint, read_metadata, save_checkpoint
+from model import (
+    export_hf_gpt2,
+    gpt2_tokenizer,
+    import_hf_gpt2,
+    load_checkpoint,
+    merge_lora,
+    read_metadata,
+    save_checkpoint,
+)
 from model.checkpoint import CheckpointError
 from model.config import GPT2_VOCAB_SIZE
 from model.json_text import parse_json
@@ -67,14 +75,15 @@ def download_checkpoint(checkpoint: CheckpointDep, storage: StorageDep) -> Strea
         "Content-Disposition": f'attachment; filename="{checkpoint.id}.tar"'})
 
 
-def _export_hf(source: Path, target: Path) -> None:
-    """The checkpoint at source written to target as a Hugging Face GPT-2 directory; Invalid says why it cannot be."""
+def _export_hf(source: Path, base: Path | None, target: Path) -> None:
+    """The checkpoint at source (over base, for an adapter-only one) written to target as a Hugging Face GPT-2
+    directory; Invalid says why it cannot be."""
     try:
-        model, tokenizer, _ = load_checkpoint(source)
+        model, tokenizer, _ = load_checkpoint(source, base=base)
     except CheckpointError as e:
         raise Gone(f"the files of the checkpoint cannot be read: {e}") from None
     try:
-        export_hf_gpt2(model, target, tokenizer)
+        export_hf_gpt2(merge_lora(model), target, tokenizer)
     except ValueError as e:
         raise Invalid(f"the checkpoint cannot be exported as a Hugging Face GPT-2 model: {e}",
                       param="checkpoint_id") from None
@@ -94,16 +103,20 @@ async def _removed_after(archive: TarStream, directory: Path) -> AsyncIterator[b
 
 
 @router.get("/{checkpoint_id}/export", response_class=StreamingResponse)
-async def export_checkpoint(checkpoint: CheckpointDep, storage: StorageDep, format_: Annotated[Literal["hf"], Query(
-        alias="format", description="`hf`: a Hugging Face transformers GPT-2 directory")]) -> StreamingResponse:
+async def export_checkpoint(checkpoint: CheckpointDep, session: SessionDep, storage: StorageDep,
+                            format_: Annotated[Literal["hf"], Query(
+                                alias="format", description="`hf`: a Hugging Face transformers GPT-2 directory")]
+                            ) -> StreamingResponse:
     """A tar archive of the checkpoint as a Hugging Face transformers GPT-2 directory (model.safetensors,
     config.json, generation_config.json, and the tokenizer's vocab.json, merges.txt and tokenizer_config.json) that
-    GPT2LMHeadModel and AutoTokenizer load with from_pretrained. 422 naming the reason for a checkpoint GPT-2 cannot
-    express: a classifier, unmerged LoRA adapters, a model without biases, a tokenizer with its own regex."""
+    GPT2LMHeadModel and AutoTokenizer load with from_pretrained, LoRA adapters merged into the weights. 422 naming
+    the reason for a checkpoint GPT-2 cannot express: a classifier, a model without biases, a tokenizer with its own
+    regex."""
     source = _directory(storage, checkpoint)
+    base = await run_in_threadpool(base_dir, session, storage, checkpoint)
     target = storage.staging_path(storage.checkpoints)
     try:
-        await run_in_threadpool(_export_hf, source, target)
+        await run_in_threadpool(_export_hf, source, base, target)
         archive = TarStream(target, f"{checkpoint.id}-hf")
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)

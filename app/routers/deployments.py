@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from app.auth import Deployer, ReadOrTrain
 from app.deps import DeploymentsDep, PageDep, SessionDep, SettingsDep
@@ -22,6 +23,9 @@ def _out(manager: DeploymentManager, deployment: Deployment, task: str) -> Deplo
                          default=deployment.is_default, device=deployment.device, dtype=deployment.dtype,
                          served_device=str(current.placement.device) if current else None,
                          served_dtype=current.placement.dtype_name if current else None,
+                         adapters={a.name: a.checkpoint_id for a in deployment.adapters},
+                         serving_adapters={name: a.checkpoint_id for name, a in current.adapters.items()}
+                         if current else None,
                          state=served.state if served else DeploymentState.LOADING,
                          error=served.error if served else None,
                          created_at=deployment.created_at, updated_at=deployment.updated_at)
@@ -41,7 +45,7 @@ def create_deployment(body: DeploymentCreate, session: SessionDep, manager: Depl
 
 @router.get("", response_model=Page[DeploymentOut])
 def list_deployments(session: SessionDep, page: PageDep, manager: DeploymentsDep) -> dict:
-    rows, has_more = page.apply(session, select(Deployment), Deployment)
+    rows, has_more = page.apply(session, select(Deployment).options(selectinload(Deployment.adapters)), Deployment)
     tasks = dict(session.execute(select(Checkpoint.id, Checkpoint.task).where(
         Checkpoint.id.in_([d.checkpoint_id for d in rows]))).all())
     return {"data": [_out(manager, d, tasks[d.checkpoint_id]) for d in rows], "has_more": has_more}

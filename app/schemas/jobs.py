@@ -87,6 +87,9 @@ class JobCreate(Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     trainable_blocks: int = Field(1, ge=0, description="classifier: blocks trained from the top")
     lora: LoRASpec | None = None
+    adapter_only: bool = Field(False, description=(
+        "finetune_instruct with lora: checkpoints hold LoRA's tensors alone (kilobytes to megabytes, not the whole "
+        "model); they load over the base checkpoint, and a deployment of the base serves them per request"))
     mask_prompt: bool = False
     seed: int = Field(1, ge=0, le=2**31 - 1)
     devices: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(1, description=(
@@ -116,6 +119,9 @@ class JobCreate(Strict):
             if self.model is not None or self.tokenizer is not None:
                 raise ValueError("a finetune keeps its base checkpoint's model and tokenizer: drop model and "
                                  "tokenizer")
+        if self.adapter_only and (self.type != JobType.FINETUNE_INSTRUCT or self.lora is None):
+            # a classifier's new head is no adapter a language model's deployment could serve
+            raise ValueError("adapter_only is for finetune_instruct jobs with lora")
         return self
 
 

@@ -66,6 +66,10 @@ def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobC
     if checkpoint.task != CheckpointTask.LM:
         raise Invalid(f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
                       f"from a language model (task lm)", param="base_checkpoint_id")
+    if request.adapter_only and checkpoint.adapter_of_id is not None:
+        raise Invalid(f"checkpoint {checkpoint.id} is itself adapter-only: an adapter-only finetune starts from a "
+                      f"checkpoint with all its weights (such as {checkpoint.adapter_of_id})",
+                      param="base_checkpoint_id")
     config = GPTConfig.from_dict(checkpoint.model_config)
     classifier = request.type == jobs.JobType.FINETUNE_CLASSIFIER
     if classifier and request.trainable_blocks > config.n_layer:

@@ -10,7 +10,9 @@ import sys
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 from sqlalchemy import func, select
 
 from app.main import create_app
@@ -18,7 +20,8 @@ from core.db import Database
 from core.migrate import upgrade
 from core.settings import Settings
 from core.tables import Checkpoint, Metric
-from tests.helpers import local_client
+from model import GPT, generate, gpt2_tokenizer, load_checkpoint, merge_lora
+from tests.helpers import TINY_LM, local_client, register_model
 
 JOB_TIMEOUT_S = 180
 
@@ -210,6 +213,65 @@ def test_evaluate_a_training_jobs_checkpoints_on_its_validation_corpus(service, 
     evaluation = service.client.get(f"/v1/evaluations/{response.json()['id']}").json()
     assert evaluation["kind"] == "instruct" and evaluation["metrics"]["examples"] == 4
     assert evaluation["progress"] == {"step": 8, "total_steps": 8}  # 4 records scored, 4 answered
+
+
+def test_adapter_only_finetunes_are_served_per_request_over_their_base(service, shared_data):
+    service.start_worker()
+    torch.manual_seed(0)
+    base_model = GPT(TINY_LM).eval()
+    base = register_model(service.settings, base_model)
+    records = json.loads((shared_data / "instruction-data.json").read_text())[:16]
+    instructions = service.upload(None, "instruction", json.dumps(records[:12]).encode(), "train.json")
+    held_out = service.upload(None, "instruction", json.dumps(records[12:]).encode(), "held-out.json")
+    finetune = {"type": "finetune_instruct", "corpus_id": instructions, "base_checkpoint_id": base,
+                "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.02, "checkpoint_interval": 2}}
+    jobs = [service.submit(**finetune, lora={"rank": rank, "alpha": 2 * rank}, adapter_only=True, seed=rank)
+            for rank in (2, 4)]
+    adapters = []
+    for job in jobs:
+        assert service.wait_until_done(job["id"])["status"] == "succeeded"
+        checkpoints = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+        assert [c["step"] for c in checkpoints] == [4, 2]
+        assert all(c["adapter_of_id"] == base and c["prompt_format"] == "alpaca" for c in checkpoints)
+        adapters.append(checkpoints[0]["id"])
+    directories = checkpoint_dirs(service.settings, [base, *adapters])
+    with safe_open(directories[adapters[0]] / "model.safetensors", framework="pt") as weights:
+        keys = list(weights.keys())
+    assert keys and all(key.endswith(("lora_a", "lora_b")) for key in keys)
+
+    # the worker loads an adapter over its base to evaluate it, and to finetune from it
+    response = service.client.post("/v1/evaluations", json={"checkpoint_id": adapters[0], "corpus_id": held_out,
+                                                            "max_new_tokens": 4})
+    assert response.status_code == 201, response.text
+    assert service.wait_until_done(response.json()["job_id"])["status"] == "succeeded"
+    onward = service.submit(**{**finetune, "base_checkpoint_id": adapters[1],
+                               "hyperparameters": {"max_steps": 2, "batch_size": 4, "checkpoint_interval": 0}})
+    assert service.wait_until_done(onward["id"])["status"] == "succeeded"
+
+    deployed = service.client.post("/v1/deployments", json={"name": "adapted", "checkpoint_id": base,
+                                                            "adapters": {"one": adapters[0], "two": adapters[1]}})
+    assert deployed.status_code == 201, deployed.text
+    deadline = time.monotonic() + 30
+    while service.client.get("/v1/deployments/adapted").json()["state"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("Below is an instruction")
+    for name, adapter in (("one", adapters[0]), ("two", adapters[1])):
+        model = merge_lora(load_checkpoint(directories[adapter], base=directories[base])[0])
+        expected = tokenizer.decode(generate(model, torch.tensor([prompt]), 8)[0, len(prompt):].tolist())
+        answer = service.client.post("/v1/completions", json={"model": f"adapted:{name}", "prompt": prompt,
+                                                               "max_tokens": 8, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == expected
+
+
+def checkpoint_dirs(settings: Settings, checkpoint_ids: list[str]) -> dict:
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as session:
+        paths = {i: settings.storage.checkpoint_dir(session.get(Checkpoint, i).path) for i in checkpoint_ids}
+    database.dispose()
+    return paths
 
 
 def test_cancel_a_running_job_keeps_a_final_checkpoint(service, shared_data):

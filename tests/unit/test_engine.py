@@ -9,6 +9,8 @@ from model.generate import Decoder
 from model.sampling import next_token
 from serving.engine import Engine, QueueFull, Request
 from tests.helpers import TINY_LM as CONFIG
+from tests.helpers import random_adapter
+from tests.unit.test_multi_lora import LORAS
 
 
 class Collector:
@@ -263,3 +265,78 @@ def test_twins_scoring_their_prompt_share_its_scores(engine, model):
     for request in requests:
         assert [s.logprob for s in request.prompt_scores[1:]] == pytest.approx(expected, abs=1e-4)
         assert all(len(s.top_logprobs) == 2 for s in request.prompt_scores[1:])
+
+
+def fresh_copy(model: GPT) -> GPT:
+    """A model of the same weights (an engine's model is packed, which deepcopy cannot copy)."""
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_models(model):
+    """Two random adapters over the model (their ranks and targets differ), each with the model it merges into."""
+    return {name: random_adapter(fresh_copy(model), lora, seed) for seed, (name, lora) in enumerate(LORAS.items())}
+
+
+def with_adapters(model, lora_models, **options) -> Engine:
+    adapters = {name: adapter for name, (adapter, _) in lora_models.items()}
+    return Engine(fresh_copy(model), gpt2_tokenizer(), adapters=adapters, **options)  # it adapts its model
+
+
+def alone(model, prompt, max_new_tokens) -> list[int]:
+    """The greedy tokens of one request, on an engine of its own."""
+    engine = Engine(model, gpt2_tokenizer(), max_batch=2, max_queue=1).start()
+    try:
+        collector = Collector()
+        engine.submit(Request(prompt, max_new_tokens, SamplingParams(), collector))
+        assert collector.done.wait(30)
+    finally:
+        engine.stop()
+    return collector.tokens
+
+
+def test_requests_for_different_adapters_decode_together(model, lora_models, monkeypatch):
+    monkeypatch.setattr("serving.engine.PREFILL_CHUNK", 8)  # the 20-token prompt is prefilled in three chunks
+    engine = with_adapters(model, lora_models, max_batch=4, max_queue=0)
+    assert engine.adapters == ("a", "b")
+    jobs = [([1, 2, 3], "a", 10), (list(range(200, 220)), "b", 12), ([7, 8], None, 9), ([5, 6, 7, 8], "a", 11)]
+    collectors = [Collector() for _ in jobs]
+    for (prompt, adapter, n), collector in zip(jobs, collectors, strict=True):
+        engine.submit(Request(prompt, n, SamplingParams(), collector, adapter=adapter))
+    engine.start()
+    try:
+        assert all(c.done.wait(30) for c in collectors)
+    finally:
+        engine.stop()
+    assert engine.decode_steps < sum(n for _, _, n in jobs)  # they shared decode steps
+    for (prompt, adapter, n), collector in zip(jobs, collectors, strict=True):
+        merged = model if adapter is None else lora_models[adapter][1]
+        assert collector.tokens == alone(merged, prompt, n)
+    assert collectors[1].tokens != alone(model, jobs[1][0], jobs[1][2])  # the adapter changed what it says
+
+
+def test_a_prompt_is_scored_through_its_adapter(model, lora_models):
+    engine = with_adapters(model, lora_models, max_batch=2).start()
+    try:
+        prompt = list(range(300, 320))
+        request = engine.submit(Request(prompt, 0, SamplingParams(), Collector(), adapter="b", prompt_logprobs=1))
+        assert request.on_event.done.wait(30)
+    finally:
+        engine.stop()
+    with torch.no_grad():
+        own = torch.log_softmax(lora_models["b"][1](torch.tensor([prompt]))[0][0], dim=-1)
+    expected = [own[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    assert [s.logprob for s in request.prompt_scores[1:]] == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_unknown_adapter_is_refused(engine, model, lora_models):
+    with pytest.raises(ValueError, match="no adapter named 'a'; this model has no adapters"):
+        engine.submit(Request([1], 5, SamplingParams(), Collector(), adapter="a"))
+    served = with_adapters(model, lora_models, max_batch=2)  # not started: nothing runs
+    with pytest.raises(ValueError, match="no adapter named 'c'; this model has: a, b"):
+        served.submit(Request([1], 5, SamplingParams(), Collector(), adapter="c"))
+    first = served.submit(Request([1, 2], 5, SamplingParams(), Collector(), adapter="a"))
+    with pytest.raises(ValueError, match="adapters differ"):
+        served.submit(Request([1, 2], 5, SamplingParams(), Collector(), adapter="b", twin_of=first))
