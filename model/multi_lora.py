@@ -1,9 +1,9 @@
 """Many LoRA adapters served at once over one base model: each batch row goes through its own adapter, or none.
 
-The base weights stay unmerged and shared. In each adapted layer, the rows of one adapter are gathered, run
-through its two thin products x A^T B^T, and added back into their rows: the segmented gather-matmul-scatter
-that Punica's SGMV kernel does in one launch (vLLM's multi-LoRA), here in plain torch ops, one pair per
-distinct adapter in the batch. A batch whose rows use no adapter runs the base layers alone.
+The base weights stay unmerged and shared. Each adapted layer stacks its adapters' A and B (zero-padded to the
+largest rank; slot 0 all zeros, for rows of the base alone); a forward gathers each row's pair and adds its two
+thin products x A^T B^T with two batched matmuls: Punica's BGMV (vLLM's multi-LoRA decode kernel) in plain torch
+ops, whatever the number of adapters in the batch. A batch whose rows use no adapter runs the base layers alone.
 """
 
 from collections.abc import Iterator
@@ -26,10 +26,26 @@ class MultiLoRALinear(Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
         self.packed = getattr(base, "packed", None)
-        # per adapter index: (A [r, in], scale * B [out, r]), or None for an adapter that leaves this layer be
-        self.adapters: list[tuple[Tensor, Tensor] | None] = []
-        self.rows: Tensor | None = None  # [B] the adapter index of each batch row, -1: none; None: no row has one
-        self.segments: list[tuple[int, Tensor]] = []  # (adapter index, its rows) for each adapter among rows
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # slot i > 0: adapter i - 1's A^T [in, R] and scale * B^T [R, out], zero-padded to the largest rank R
+        self.register_buffer("a_stack", torch.zeros(1, base.in_features, 0, **like), persistent=False)
+        self.register_buffer("b_stack", torch.zeros(1, 0, base.out_features, **like), persistent=False)
+        self.rows: Tensor | None = None  # [B] the slot of each batch row (0: none); None: no row has an adapter
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self.a_stack) - 1
+
+    def append(self, pair: tuple[Tensor, Tensor] | None) -> None:
+        """Stack the next adapter's (A [r, in], scale * B [out, r]); None for one that leaves this layer be."""
+        slots, rank = len(self.a_stack), self.a_stack.shape[2]
+        widest = max(rank, 0 if pair is None else len(pair[0]))
+        a = self.a_stack.new_zeros(slots + 1, self.in_features, widest)
+        b = self.b_stack.new_zeros(slots + 1, widest, self.out_features)
+        a[:slots, :, :rank], b[:slots, :rank] = self.a_stack, self.b_stack
+        if pair is not None:
+            a[slots, :, : len(pair[0])], b[slots, : len(pair[0])] = pair[0].t(), pair[1].t()
+        self.a_stack, self.b_stack = a, b
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)  # [B, T, out]
@@ -37,11 +53,9 @@ class MultiLoRALinear(Linear):
             return y
         if len(self.rows) != len(x):
             raise ValueError(f"adapters were chosen for {len(self.rows)} rows, the batch has {len(x)}")
-        for index, rows in self.segments:
-            if self.adapters[index] is not None:
-                a, b = self.adapters[index]
-                y.index_add_(0, rows, x.index_select(0, rows) @ a.t() @ b.t())  # [n, T, out] into its n rows
-        return y
+        a = self.a_stack.index_select(0, self.rows)  # [B, in, R]: each row's own A^T
+        b = self.b_stack.index_select(0, self.rows)  # [B, R, out]
+        return y.baddbmm_(torch.bmm(x, a), b)  # + (x A^T) B^T
 
 
 class AdapterSet:
@@ -76,7 +90,7 @@ class AdapterSet:
             raise ValueError(f"an adapter named {name!r} is served already")
         pairs = self._pairs(adapter)
         for layer_name, layer in self.layers.items():
-            layer.adapters.append(pairs.get(layer_name))
+            layer.append(pairs.get(layer_name))
         self._indices[name] = len(self._indices)
 
     def _pairs(self, adapter: Adapter) -> dict[str, tuple[Tensor, Tensor]]:
@@ -104,20 +118,15 @@ class AdapterSet:
         unknown = [name for name in names if name is not None and name not in self]
         if unknown:
             raise ValueError(f"no adapter named {unknown[0]!r}")
-        indices = [-1 if name is None else self._indices[name] for name in names]
-        rows, segments = None, []
-        if any(index >= 0 for index in indices):
-            rows = torch.tensor(indices, device=self.device)
-            segments = [(adapter, torch.tensor([row for row, index in enumerate(indices) if index == adapter],
-                                               device=self.device))
-                        for adapter in sorted(set(indices) - {-1})]
+        slots = [0 if name is None else self._indices[name] + 1 for name in names]
+        rows = torch.tensor(slots, device=self.device) if any(slots) else None
         for layer in self.layers.values():
-            layer.rows, layer.segments = rows, segments
+            layer.rows = rows
         try:
             yield
         finally:
             for layer in self.layers.values():
-                layer.rows, layer.segments = None, []
+                layer.rows = None
 
 
 def adapter_bytes(adapter: Adapter, dtype: torch.dtype | None = None) -> int:

@@ -16,8 +16,8 @@ The client of a running server (SCRATCHLLM_URL and SCRATCHLLM_API_KEY, or --url 
     scratchllm jobs follow|show|cancel JOB    scratchllm jobs list [--status S] [--type T]
     scratchllm checkpoints list [--job JOB]
     scratchllm evaluate CHECKPOINT --corpus ID [--follow]    scratchllm compare --corpus ID | --ids EVAL...
-    scratchllm deploy NAME CHECKPOINT [--default] [--device D] [--dtype T]
-    scratchllm generate PROMPT [--deployment NAME] [--max-tokens N] [--temperature T]
+    scratchllm deploy NAME CHECKPOINT [--adapter NAME=CKPT]... [--default] [--device D] [--dtype T]
+    scratchllm generate PROMPT [--deployment NAME[:ADAPTER]] [--max-tokens N] [--temperature T]
     scratchllm chat [--deployment NAME]       scratchllm classify TEXT... [--deployment NAME]
 
 Every client command takes --json. Exit status: 0 done, 1 refused or failed (a job that failed), 3 a job cancelled.

@@ -213,12 +213,20 @@ def compare(client: Client, args: argparse.Namespace) -> None:
 def checkpoints_list(client: Client, args: argparse.Namespace) -> None:
     params = {"limit": args.limit, **({"job_id": args.job} if args.job else {})}
     rows = client.call("GET", "/v1/checkpoints", params=params)["data"]
-    _table(args, rows, ["id", "task", "step", "job_id", "source", "size_bytes", "created_at"])
+    _table(args, rows, ["id", "task", "step", "job_id", "source", "adapter_of_id", "size_bytes", "created_at"])
+
+
+def adapter_argument(text: str) -> tuple[str, str]:
+    name, equals, checkpoint = text.partition("=")
+    if not (equals and name and checkpoint):
+        raise argparse.ArgumentTypeError(f"{text!r}: give an adapter as NAME=CHECKPOINT")
+    return name, checkpoint
 
 
 def deploy(client: Client, args: argparse.Namespace) -> None:
+    adapters = dict(args.adapter) if args.adapter is not None else None
     change = {"checkpoint_id": args.checkpoint, "device": args.device, "dtype": args.dtype,
-              **({"default": True} if args.default else {})}
+              **({"default": True} if args.default else {}), **({"adapters": adapters} if adapters is not None else {})}
     try:
         client.call("GET", f"/v1/deployments/{args.name}")
         deployment = client.call("PATCH", f"/v1/deployments/{args.name}", json=change)
@@ -227,7 +235,8 @@ def deploy(client: Client, args: argparse.Namespace) -> None:
             raise
         deployment = client.call("POST", "/v1/deployments", json={"name": args.name, **change})
     deadline = time.monotonic() + args.timeout
-    while deployment["state"] == "loading" or deployment["serving_checkpoint_id"] != args.checkpoint:
+    while deployment["state"] == "loading" or deployment["serving_checkpoint_id"] != args.checkpoint or (
+            deployment["serving_adapters"] != deployment["adapters"]):
         if deployment["error"]:
             raise ClientError(f"deployment {args.name}: {deployment['error']}")
         if time.monotonic() > deadline:
@@ -369,15 +378,18 @@ def add_commands(commands) -> None:
     deploying.add_argument("--device", default="auto")
     deploying.add_argument("--dtype", default=ServingDtype.AUTO, choices=list(ServingDtype))
     deploying.add_argument("--timeout", type=float, default=600, help="seconds to wait for it to serve")
+    deploying.add_argument("--adapter", type=adapter_argument, action="append", metavar="NAME=CHECKPOINT", help=(
+        "serve this adapter-only checkpoint over the deployment's, as the model NAME:ADAPTER (repeat it for more; "
+        "given once or more, it replaces the deployment's adapters)"))
 
     generating = command(commands, "generate", generate, "stream a completion to the terminal")
     generating.add_argument("prompt")
-    generating.add_argument("--deployment", help="default: the default deployment")
+    generating.add_argument("--deployment", help="default: the default deployment; DEPLOYMENT:ADAPTER for an adapter")
     generating.add_argument("--max-tokens", type=int, default=100)
     generating.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
 
     chatting = command(commands, "chat", chat, "chat with an instruction model")
-    chatting.add_argument("--deployment")
+    chatting.add_argument("--deployment", help="default: the default deployment; DEPLOYMENT:ADAPTER for an adapter")
     chatting.add_argument("--system", help="a system message")
     chatting.add_argument("--max-tokens", type=int, default=200)
 

@@ -100,10 +100,9 @@ def random_adapter(base: GPT, lora: LoRAConfig, seed: int) -> tuple[Adapter, GPT
     return Adapter(lora, tensors, {}), merge_lora(adapted).eval()
 
 
-def add_adapter(api, base_id: str, base: GPT, seed: int, prompt_format=None, **lora) -> tuple[str, GPT]:
+def add_adapter(settings, base_id: str, base: GPT, seed: int, prompt_format=None, **lora) -> tuple[str, GPT]:
     """Register an adapter-only checkpoint of random LoRA weights (LoRAConfig's fields in lora) over base, the model
     of checkpoint base_id; returns its id and base with the adapter merged in, to compare the served one with."""
-    settings = api.app.state.services.settings
     database = Database(settings.sqlalchemy_url)
     with database.session() as session:
         base_meta = read_metadata(settings.storage.checkpoint_dir(session.get(Checkpoint, base_id).path))

@@ -104,7 +104,7 @@ export async function dataPage() {
         el("td", {}, number(c.metrics.val_loss)), el("td", {}, bytes(c.size_bytes)),
         el("td", {}, job ? jobLink(job) : c.job_id || (c.source === "import" ? "imported" : "")),
         el("td", {}, job ? corpusName(job.corpus_id) : ""),
-        el("td", {}, c.parent_id ? `base ${c.parent_id}` : "scratch"),
+        el("td", {}, c.adapter_of_id ? `adapter over ${c.adapter_of_id}` : c.parent_id ? `base ${c.parent_id}` : "scratch"),
         el("td", {}, deleteButton(`/v1/checkpoints/${c.id}`, `Delete checkpoint ${c.id}? This cannot be undone.`)));
     }));
     evaluations.replaceChildren(...evaluationPage.data.map((e) => el("tr", { "data-evaluation": e.id },

@@ -33,6 +33,25 @@ function deployForm() {
     field("device", device), field("dtype", dtype), field("default", preferred), go, status), fill };
 }
 
+function adapterCell(deployment, candidates) {
+  // the LoRA adapters a deployment serves over its checkpoint (each removable), and a form to add one of the
+  // adapter-only checkpoints trained over it
+  const change = async (adapters) => {
+    try { await send(`/v1/deployments/${deployment.name}`, { adapters }, "PATCH"); } catch (error) { alert(error.message); }
+  };
+  const served = Object.entries(deployment.adapters).map(([name, id]) => el("div", { "data-adapter": name },
+    `${name} → ${id}${deployment.serving_adapters?.[name] === id ? "" : " (loading)"} `, el("button", { type: "button", disabled: !may("deploy"), title: cannot("deploy") || `stop serving ${name}`,
+      onclick: () => { const { [name]: _, ...rest } = deployment.adapters; change(rest); } }, "×")));
+  const unused = candidates.filter((c) => !Object.values(deployment.adapters).includes(c.id));
+  if (!unused.length || deployment.task !== "lm") return el("td", {}, served);
+  const pick = el("select", { "aria-label": `adapter for ${deployment.name}` },
+    unused.map((c) => el("option", { value: c.id }, `${c.id} (step ${c.step})`)));
+  const name = el("input", { type: "text", size: 10, placeholder: "name", "aria-label": `adapter name for ${deployment.name}` });
+  const add = el("button", { type: "button", disabled: !may("deploy"), title: cannot("deploy"),
+    onclick: () => change({ ...deployment.adapters, [name.value]: pick.value }) }, "Add adapter");
+  return el("td", {}, served, pick, " ", name, " ", add);
+}
+
 export async function deploymentsPage() {
   const body = el("tbody");
   const chosen = new Map();  // deployment -> the checkpoint picked for it and not yet applied: kept across refreshes
@@ -41,6 +60,7 @@ export async function deploymentsPage() {
     const [deployments, checkpoints] = await Promise.all([api("/v1/deployments?limit=100"),
       api("/v1/checkpoints?limit=100")]);
     create.fill(checkpoints.data);
+    if (body.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return;  // mid-typing
     body.replaceChildren(...deployments.data.map((d) => {
       const picked = chosen.get(d.name) ?? d.checkpoint_id;
       const choice = el("select", { "aria-label": `checkpoint for ${d.name}`, onchange: (e) => chosen.set(d.name, e.target.value) },
@@ -54,16 +74,17 @@ export async function deploymentsPage() {
         } catch (error) { alert(error.message); }
       } }, "Serve it");
       const removal = deleteButton(`/v1/deployments/${d.name}`, `Stop serving ${d.name} and delete the deployment?`);
+      const adapters = adapterCell(d, checkpoints.data.filter((c) => c.adapter_of_id === d.checkpoint_id));
       return el("tr", { "data-deployment": d.name }, el("td", {}, d.name + (d.default ? " (default)" : "")),
         el("td", {}, d.task), el("td", { class: d.state === "failed" ? "status-failed" : "" }, d.state),
         el("td", {}, d.served_device ? `${d.served_device} ${d.served_dtype}` : `${d.device} ${d.dtype}`),
-        el("td", {}, d.serving_checkpoint_id || ""), el("td", {}, choice, " ", repoint), el("td", {}, removal),
+        el("td", {}, d.serving_checkpoint_id || ""), el("td", {}, choice, " ", repoint), adapters, el("td", {}, removal),
         el("td", { class: "error" }, d.error || ""));
     }));
-    if (!deployments.data.length) body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "nothing deployed yet")));
+    if (!deployments.data.length) body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "nothing deployed yet")));
   };
   show(el("h1", {}, "Deployments"), create.form,
-    table(["name", "task", "state", "served on", "serving", "checkpoint", "", ""], body));
+    table(["name", "task", "state", "served on", "serving", "checkpoint", "adapters", "", ""], body));
   await repeat(render);
 }
 
@@ -91,8 +112,10 @@ async function* serverEvents(path, body, signal) {
 
 export async function playgroundPage() {
   const deployments = (await api("/v1/deployments?limit=100")).data.filter((d) => d.state !== "failed");
-  const pick = el("select", { "aria-label": "deployment" },
-    deployments.map((d) => el("option", { value: d.name, "data-task": d.task }, `${d.name} (${d.task})`)));
+  const pick = el("select", { "aria-label": "deployment" }, deployments.flatMap((d) => [
+    el("option", { value: d.name, "data-task": d.task }, `${d.name} (${d.task})`),
+    ...Object.keys(d.adapters).map((a) => el("option", { value: `${d.name}:${a}`, "data-task": d.task }, `${d.name}:${a} (adapter)`)),
+  ]));
   const area = el("div");
   const output = el("pre", { id: "output" });
   const controls = {

@@ -33,6 +33,8 @@ export async function newRunPage() {
     lora: [input("LoRA", { type: "checkbox" }), FINETUNES],
     lora_rank: [optional("LoRA rank", { min: 1 }), FINETUNES],
     lora_alpha: [optional("LoRA alpha", { min: 0, step: 1 }), FINETUNES],
+    adapter_only: [input("adapter only", { type: "checkbox", title: "checkpoints of LoRA's tensors alone, served per "
+      + "request over the base's deployment" }), ["finetune_instruct"]],
   };
   const value = (key) => form[key][0].value;
   const numbers = (pairs) => Object.fromEntries(pairs.filter(([, key]) => value(key) !== "")
@@ -53,16 +55,18 @@ export async function newRunPage() {
     if (type === "finetune_classifier") Object.assign(body, numbers([["trainable_blocks", "trainable_blocks"]]));
     if (type === "finetune_instruct") body.mask_prompt = form.mask_prompt[0].checked;
     if (form.lora[0].checked) body.lora = numbers([["rank", "lora_rank"], ["alpha", "lora_alpha"]]);
+    if (type === "finetune_instruct" && form.lora[0].checked) body.adapter_only = form.adapter_only[0].checked;
     return body;
   };
   const choices = () => {  // the corpora, checkpoints and options the type can use
     const type = value("type");
     form.corpus[0].replaceChildren(...corpora.data.filter((c) => c.kind === CORPUS_KIND[type])
       .map((c) => el("option", { value: c.id }, `${c.name} (${c.n_records} records)`)));
-    form.base[0].replaceChildren(...checkpoints.data.filter((c) => c.task === "lm")
+    form.base[0].replaceChildren(...checkpoints.data.filter((c) => c.task === "lm"
+      && !(form.adapter_only[0].checked && c.adapter_of_id))
       .map((c) => el("option", { value: c.id }, `${c.id} (step ${c.step})`)));
     for (const [control, types] of Object.values(form)) control.parentElement.hidden = types && !types.includes(type);
-    for (const key of ["lora_rank", "lora_alpha"]) form[key][0].disabled = !form.lora[0].checked;
+    for (const key of ["lora_rank", "lora_alpha", "adapter_only"]) form[key][0].disabled = !form.lora[0].checked;
   };
   let pending = null;
   const estimate = () => {
@@ -87,6 +91,7 @@ export async function newRunPage() {
   for (const [control] of Object.values(form)) control.addEventListener("input", estimate);
   form.type[0].addEventListener("change", choices);
   form.lora[0].addEventListener("change", choices);
+  form.adapter_only[0].addEventListener("change", choices);
   show(el("h1", {}, "New run"),
     el("div", { class: "form" }, Object.values(form).map(([control]) => field(control.getAttribute("aria-label"), control))),
     cost, el("p", {}, submit, may("train") ? "" : el("span", { class: "muted" }, " (this key's scope cannot start runs)")));

@@ -24,9 +24,10 @@ def greedy(model: GPT, prompt: str = PROMPT) -> str:
 def adapters(api, lm):
     """A base deployment `tiny` serving adapters `small` (rank 2, attention only) and `chat` (rank 8, every target,
     instruction-finetuned); the models each should answer like."""
-    base = add_checkpoint(api, lm)
-    small, small_model = add_adapter(api, base, lm, seed=1, rank=2, targets=("c_attn",))
-    chat, chat_model = add_adapter(api, base, lm, seed=2, rank=8, targets=LORA_TARGETS, prompt_format=PROMPT_FORMAT)
+    base, settings = add_checkpoint(api, lm), api.app.state.services.settings
+    small, small_model = add_adapter(settings, base, lm, seed=1, rank=2, targets=("c_attn",))
+    chat, chat_model = add_adapter(settings, base, lm, seed=2, rank=8, targets=LORA_TARGETS,
+                                   prompt_format=PROMPT_FORMAT)
     state = deploy(api, "tiny", base, adapters={"small": small, "chat": chat})
     assert state["state"] == "ready", state
     assert state["adapters"] == state["serving_adapters"] == {"chat": chat, "small": small}
@@ -106,7 +107,7 @@ def test_models_that_do_not_resolve_are_named(api, adapters, lm):
 
 def test_adapters_are_checked_when_deployed(api, adapters, lm):
     other_base = add_checkpoint(api, GPT(TINY_LM))
-    foreign, _ = add_adapter(api, other_base, GPT(TINY_LM), seed=3, rank=2)
+    foreign, _ = add_adapter(api.app.state.services.settings, other_base, GPT(TINY_LM), seed=3, rank=2)
     post = {"name": "other", "checkpoint_id": adapters["base"]}
     assert_error(api.post("/v1/deployments", json={**post, "adapters": {"x": other_base}}), 422, "not adapter-only",
                  param="adapters.x")

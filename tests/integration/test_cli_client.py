@@ -131,3 +131,31 @@ def test_the_progress_bar_updates_in_a_terminal(server, shared_data):
     steps = [int(n) for n in re.findall(rb"step (\d+)/30", screen)]
     assert len(set(steps)) >= 3 and steps == sorted(steps) and steps[-1] == 30, steps  # redrawn as it trains
     assert b"\x1b[" in screen  # drawn in place with terminal control codes
+
+
+def test_deploy_serves_adapters_that_generate_picks_by_name(server):
+    import httpx
+    import torch
+
+    from model import GPT, generate, gpt2_tokenizer
+    from tests.helpers import TINY_LM, add_adapter, register_model
+
+    settings = settings_of(server)
+    torch.manual_seed(0)
+    base_model = GPT(TINY_LM).eval()
+    base = register_model(settings, base_model)
+    adapter, merged = add_adapter(settings, base, base_model, seed=1, rank=2)
+    deployed = cli(server, "deploy", "tiny", base, "--adapter", f"poet={adapter}", "--json")
+    assert deployed.returncode == 0, deployed.stderr
+    assert as_json(deployed)["serving_adapters"] == {"poet": adapter}
+    tokenizer = gpt2_tokenizer()
+    prompt = tokenizer.encode("I had always")
+    expected = generate(merged, torch.tensor([prompt]), 6)[0, len(prompt):].tolist()
+    answer = httpx.post(server["SCRATCHLLM_URL"] + "/d/tiny:poet/generate", headers={
+        "Authorization": f"Bearer {server['SCRATCHLLM_API_KEY']}"}, json={"inputs": "I had always", "parameters": {
+            "max_new_tokens": 6, "details": True}}).json()
+    assert [token["id"] for token in answer["details"]["tokens"]] == expected  # the adapter's own answer
+    generated = cli(server, "generate", "I had always", "--deployment", "tiny:poet", "--max-tokens", "6")
+    assert generated.returncode == 0 and generated.stdout == answer["generated_text"] + "\n", generated
+    refused = cli(server, "deploy", "tiny", base, "--adapter", "poet")
+    assert refused.returncode != 0 and "NAME=CHECKPOINT" in refused.stderr

@@ -132,12 +132,14 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
     from playwright.sync_api import sync_playwright
 
     from model import GPT, GPTClassifier
-    from tests.helpers import TINY_LM, register_model
+    from tests.helpers import TINY_LM, add_adapter, register_model
     from tests.integration.test_faults import settings_of
 
     settings = settings_of(server)
     torch.manual_seed(0)
-    lm = register_model(settings, GPT(replace(TINY_LM, context_length=1024)).eval())  # room to stream for a while
+    base = GPT(replace(TINY_LM, context_length=1024)).eval()  # room to stream for a while
+    lm = register_model(settings, base)
+    adapter, _ = add_adapter(settings, lm, base, seed=1, rank=2)
     other_lm = register_model(settings, GPT(TINY_LM).eval())
     spam = register_model(settings, GPTClassifier(TINY_LM, 2).eval(), label_names=["ham", "spam"])
     assert cli(server, "deploy", "tiny", lm).returncode == 0
@@ -153,6 +155,11 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
         page.select_option("select[aria-label='checkpoint for tiny']", other_lm)
         time.sleep(2.5)  # a refresh of the table: a choice not applied yet stays
         assert page.input_value("select[aria-label='checkpoint for tiny']") == other_lm
+        page.select_option("select[aria-label='adapter for tiny']", adapter)
+        page.fill("input[aria-label='adapter name for tiny']", "poet")
+        page.click("tr[data-deployment='tiny'] >> text=Add adapter")
+        wait_for(page, "document.querySelector(\"tr[data-deployment='tiny'] [data-adapter='poet']\") && "
+                       "!document.querySelector(\"tr[data-deployment='tiny']\").textContent.includes('(loading)')")
         page.goto(url + "#/playground")
         page.wait_for_selector("select[aria-label='deployment']")
         page.select_option("select[aria-label='deployment']", "tiny")
@@ -171,6 +178,11 @@ def test_the_playground_streams_and_classifies_and_deployments_follow_the_scope(
         lengths = page.evaluate("window.lengths")
         assert len(set(lengths)) >= 5, lengths  # drawn piece by piece as it streamed, not at the end
         screenshot(page, tmp_path, "playground")
+        page.select_option("select[aria-label='deployment']", "tiny:poet")  # the adapter, over the same base
+        page.fill("input[aria-label='max new tokens']", "5")
+        page.click("button:has-text('Generate')")
+        wait_for(page, "document.getElementById('output').textContent.length > 0")
+        assert not page.query_selector("#output .error")
         page.select_option("select[aria-label='deployment']", "spam")
         page.click("button:has-text('Classify')")
         page.wait_for_selector("tr[data-label='spam']")

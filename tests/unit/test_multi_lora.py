@@ -79,7 +79,7 @@ def test_adapters_that_do_not_fit_are_refused(base, adapters):
     with pytest.raises(ValueError, match="do not fit"):
         adapter_set.add("c", replace(adapter, tensors=one_half))
     assert adapter_set.names == ("a", "b")  # a refused adapter leaves no trace
-    assert all(len(layer.adapters) == 2 for layer in adapter_set.layers.values())
+    assert all(layer.n_adapters == 2 for layer in adapter_set.layers.values())
     with pytest.raises(ValueError, match="no adapter named 'c'"), adapter_set.rows(["a", "c"]):
         pass
     with pytest.raises(ValueError, match="adapters already"):
