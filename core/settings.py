@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     resend_queued_after_s: float = Field(300.0, gt=0, description="a job still queued this long after it was sent "
                                          "is sent again: its broker message may be lost")
     broker_polling_interval_s: float = Field(0.1, gt=0)
+    checkpoints_kept: int = Field(3, ge=0, description=(
+        "a training job keeps its newest N checkpoints and its best by validation loss, and the optimizer state "
+        "(for a resume) on its newest alone; a job's keep_checkpoints overrides it; 0 keeps every checkpoint"))
     serving_max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together per deployment")
     max_training_memory_bytes: int = Field(16 * 1024**3, gt=0, description=(
         "a training job whose estimated memory (weights, gradients, AdamW state, one step's activations) is "

@@ -6,6 +6,7 @@ Everything the worker, the API and external checks use is importable from here.
 from model.bpe import train_bpe
 from model.checkpoint import (
     CheckpointError,
+    drop_training_state,
     has_training_state,
     is_adapter,
     load_adapter,
@@ -76,7 +77,7 @@ __all__ = [
     "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionObjective", "KVCache", "LoRAConfig",
     "PretrainObjective", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
     "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",
-    "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "has_training_state",
+    "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "drop_training_state", "has_training_state",
     "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",
     "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
     "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "iter_classification_file",

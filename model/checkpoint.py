@@ -284,6 +284,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model.to(device).eval(), tokenizer, meta
 
 
+def drop_training_state(path: str | os.PathLike) -> None:
+    """Remove what a resume needs (optimizer state, random states) from a checkpoint; its model stays whole."""
+    path = Path(path)
+    meta = read_metadata(path)
+    # training.json first: a checkpoint without it is one no resume picks, whatever else a crash leaves behind
+    (path / TRAINING_JSON).unlink(missing_ok=True)
+    meta["files"] = {name: entry for name, entry in meta["files"].items()
+                     if name not in (TRAINING_TENSORS, TRAINING_JSON)}
+    staging = path / f".{CONFIG}.new"
+    staging.write_text(json.dumps(meta, indent=1))
+    os.replace(staging, path / CONFIG)
+    (path / TRAINING_TENSORS).unlink(missing_ok=True)
+
+
 def has_training_state(path: str | os.PathLike) -> bool:
     """Whether the checkpoint directory holds what a resume needs (a copy for serving may not)."""
     return (Path(path) / TRAINING_JSON).is_file()

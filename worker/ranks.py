@@ -108,6 +108,7 @@ def _train_rank(settings: Settings, job_id: str, owner: str, rank: int, device: 
     import torch
     import torch.distributed as dist
 
+    from core.checkpoints import checkpoints_to_keep
     from core.db import Database
     from core.tables import Job
     from model import Callback
@@ -123,7 +124,8 @@ def _train_rank(settings: Settings, job_id: str, owner: str, rank: int, device: 
         with database.session() as session:
             job = session.get(Job, job_id)
             inputs = training_inputs(session, settings.storage, job)
-        reporter = JobReporter(database, job_id, owner, settings.storage) if rank == 0 else None
+        reporter = JobReporter(database, job_id, owner, settings.storage,
+                               checkpoints_to_keep(job.spec, settings.checkpoints_kept)) if rank == 0 else None
         if reporter is not None:
             reporter.should_stop = stop_also_on(shutdown, reporter)
         result = train_job(settings.storage, job, inputs, reporter or Callback(), device)

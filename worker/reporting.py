@@ -13,12 +13,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core import jobs
+from core import checkpoints, jobs
 from core.checkpoints import register_checkpoint
 from core.db import Database, utcnow
 from core.storage import DataDir
 from core.tables import JobEvent, Metric
-from model import Callback, TrainProgress, read_metadata
+from model import Callback, TrainProgress, drop_training_state, has_training_state, read_metadata
 
 WRITE_INTERVAL_S = 0.5  # progress and metrics are written at most this often, and always at checkpoints
 DATABASE_RETRY_S = 60.0  # a write waits this long for a database that went away (a restart, a failover)
@@ -56,8 +56,9 @@ STOP_REASONS = {jobs.Lease.CANCEL_REQUESTED: StopReason.CANCELLED, jobs.Lease.LO
 
 
 class JobReporter(Callback):
-    def __init__(self, database: Database, job_id: str, owner: str, storage: DataDir):
+    def __init__(self, database: Database, job_id: str, owner: str, storage: DataDir, keep_checkpoints: int = 0):
         self.database, self.job_id, self.owner, self.storage = database, job_id, owner, storage
+        self.keep_checkpoints = keep_checkpoints  # checkpoints.retain's keep
         self.pending_metrics: list[dict] = []
         self.progress: TrainProgress | None = None
         self.last_write = 0.0
@@ -131,6 +132,18 @@ class JobReporter(Callback):
         held = retrying(register, f"checkpoint of job {self.job_id} at step {step}")
         if not held:  # lost while the directory was written: its files are no one's
             shutil.rmtree(path, ignore_errors=True)
+            return
+        retrying(self._retain, f"checkpoint retention of job {self.job_id}")
+
+    def _retain(self) -> None:
+        """The job's checkpoints pruned to what it keeps; the optimizer state on its newest alone."""
+        with self.database.session() as session:
+            for older in checkpoints.retain(session, self.storage, self.job_id, self.keep_checkpoints):
+                directory = self.storage.checkpoint_dir(older.path)
+                if has_training_state(directory):
+                    drop_training_state(directory)
+                    checkpoints.refresh_size(self.storage, older)
+            session.commit()
 
     def should_stop(self) -> bool:
         if self._due():

@@ -6,6 +6,7 @@ import signal
 import threading
 
 from core import jobs
+from core.checkpoints import checkpoints_to_keep
 from core.db import Database
 from core.jobs import JobStatus, JobType
 from core.queue import JobQueue
@@ -72,7 +73,8 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
     try:
         with database.session() as session:
             job = session.get(Job, job_id)
-        reporter = JobReporter(database, job_id, owner, settings.storage)
+        reporter = JobReporter(database, job_id, owner, settings.storage,
+                               checkpoints_to_keep(job.spec, settings.checkpoints_kept))
         reporter.should_stop = stop_also_on(shutdown, reporter)
         if job.type == JobType.EVALUATE:
             metrics = evaluate(database, settings, job_id, reporter)
@@ -122,7 +124,7 @@ def _train(database: Database, settings: Settings, job: Job, reporter: JobReport
         result = train_job(settings.storage, job, inputs, reporter, devices[0])
         reporter.flush()
         return (result.metrics if result.status == "completed" else None), result.step
-    prepare_data(job, settings.storage, inputs.corpora)  # once, before the ranks read it
+    prepare_data(job, settings.storage, inputs)  # once, before the ranks read it
     reporter.event("devices", f"training on {len(devices)} devices: {', '.join(devices)}", {"devices": devices})
     outcome = run_ranks(settings, job.id, reporter.owner, devices, shutdown)
     reporter.stop_reason = outcome.stop_reason and StopReason(outcome.stop_reason)

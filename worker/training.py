@@ -39,9 +39,11 @@ from model import (
     open_tokens,
     read_classification_file,
     read_instruction_file,
+    read_metadata,
     split_dataset,
     split_tokens,
     tokenize_to_memmap,
+    tokenizer_from_spec,
     train_bpe,
     weights_sha256,
 )
@@ -99,8 +101,11 @@ def train_config(spec: dict, device: str) -> TrainConfig:
     return TrainConfig.from_values(spec["hyperparameters"], device=device)
 
 
-def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path):
-    """GPT-2's tokenizer, or a BPE trained on the corpus once and kept, so a resumed job reuses it."""
+def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path, base: Path | None):
+    """The base checkpoint's tokenizer (continued pretraining), GPT-2's, or a BPE trained on the corpus once and
+    kept, so a resumed job reuses it."""
+    if base is not None:
+        return tokenizer_from_spec(read_metadata(base)["tokenizer"])
     if spec["tokenizer"] == "gpt2":
         return gpt2_tokenizer()
     saved = work / "tokenizer.json"
@@ -121,10 +126,11 @@ def corpus_tokens(text_path: Path, tokenizer, out: Path) -> np.ndarray:
     return open_tokens(out)
 
 
-def _pretrain_tokens(job: Job, storage: DataDir, corpora: dict, work: Path):
+def _pretrain_tokens(job: Job, storage: DataDir, inputs: "TrainingInputs", work: Path):
     """(the tokenizer, the corpus's token ids, the validation corpus's or None), tokenized once."""
+    corpora = inputs.corpora
     text_path = storage.corpus_file(job.corpus_id, corpora[job.corpus_id])
-    tokenizer = _pretrain_tokenizer(job.spec, text_path, work)
+    tokenizer = _pretrain_tokenizer(job.spec, text_path, work, inputs.base_dir)
     tokens = corpus_tokens(text_path, tokenizer, work / "train.bin")
     if not job.validation_corpus_id:
         return tokenizer, tokens, None
@@ -132,10 +138,12 @@ def _pretrain_tokens(job: Job, storage: DataDir, corpora: dict, work: Path):
     return tokenizer, tokens, corpus_tokens(val_path, tokenizer, work / "val.bin")
 
 
-def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path, device: str) -> Plan:
+def _plan_pretrain(job: Job, storage: DataDir, inputs: "TrainingInputs", work: Path, device: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
-    tokenizer, tokens, val_tokens = _pretrain_tokens(job, storage, corpora, work)
-    config = GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size})
+    tokenizer, tokens, val_tokens = _pretrain_tokens(job, storage, inputs, work)
+    model = _base(inputs)[0] if inputs.base_dir is not None else GPT(
+        GPTConfig.from_dict({**spec["model_config"], "vocab_size": tokenizer.vocab_size}))
+    config = model.config
     block = hp["block_size"] or config.context_length
     if val_tokens is not None:
         train, val = tokens, val_tokens
@@ -143,7 +151,7 @@ def _plan_pretrain(job: Job, storage: DataDir, corpora: dict, work: Path, device
         train, val = split_tokens(tokens, spec["validation_fraction"], block)
     objective = PretrainObjective(train, val, block_size=block, batch_size=hp["batch_size"], seed=job.seed,
                                   stride=hp["stride"])
-    return Plan(GPT(config), objective, train_config(spec, device), tokenizer)
+    return Plan(model, objective, train_config(spec, device), tokenizer)
 
 
 def _base(inputs: "TrainingInputs"):
@@ -216,19 +224,19 @@ def plan_job(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) 
     work = storage.job_work_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
     if job.type == JobType.PRETRAIN:
-        return _plan_pretrain(job, storage, inputs.corpora, work, device)
+        return _plan_pretrain(job, storage, inputs, work, device)
     if job.type == JobType.FINETUNE_CLASSIFIER:
         return _plan_classifier(job, storage, inputs, device)
     return _plan_instruct(job, storage, inputs, device)
 
 
-def prepare_data(job: Job, storage: DataDir, corpora: dict[str, str]) -> None:
+def prepare_data(job: Job, storage: DataDir, inputs: "TrainingInputs") -> None:
     """Write the files a job's plan reads, once: a pretraining job's tokenizer and token files. Ranks that
     plan the same job at the same time then only read them."""
     if job.type == JobType.PRETRAIN:
         work = storage.job_work_dir(job.id)
         work.mkdir(parents=True, exist_ok=True)
-        _pretrain_tokens(job, storage, corpora, work)
+        _pretrain_tokens(job, storage, inputs, work)
 
 
 @dataclass

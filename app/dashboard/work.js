@@ -17,7 +17,7 @@ export async function newRunPage() {
     corpus: [el("select", { name: "corpus", "aria-label": "corpus" })],
     preset: [el("select", { name: "preset", "aria-label": "preset" }, presets.data.map((p) => el("option", { value: p.name },
       `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))), ["pretrain"]],
-    base: [el("select", { name: "base", "aria-label": "base checkpoint" }), FINETUNES],
+    base: [el("select", { name: "base", "aria-label": "base checkpoint" })],
     steps: [input("steps", { type: "number", value: 200, min: 1 })],
     batch: [input("batch size", { type: "number", value: 8, min: 1 })],
     accumulation: [input("grad accum steps", { type: "number", value: 1, min: 1 })],
@@ -28,6 +28,8 @@ export async function newRunPage() {
     validation_fraction: [optional("validation fraction", { min: 0.01, max: 0.49, step: 0.01 })],
     devices: [input("devices", { type: "text", placeholder: "1, 2, … or auto", size: 8 })],
     seed: [optional("seed", { min: 0 })],
+    keep_checkpoints: [optional("keep checkpoints", { min: 0, title: "the newest N and the best by validation loss; "
+      + "0 keeps all" })],
     trainable_blocks: [optional("trainable blocks", { min: 0 }), ["finetune_classifier"]],
     mask_prompt: [input("mask prompt", { type: "checkbox" }), ["finetune_instruct"]],
     lora: [input("LoRA", { type: "checkbox" }), FINETUNES],
@@ -48,10 +50,12 @@ export async function newRunPage() {
       hyperparameters: numbers([["max_steps", "steps"], ["batch_size", "batch"], ["grad_accum_steps", "accumulation"],
         ["learning_rate", "learning_rate"], ["warmup_steps", "warmup_steps"], ["eval_interval", "eval_interval"],
         ["checkpoint_interval", "checkpoint_interval"]]),
-      ...numbers([["validation_fraction", "validation_fraction"], ["seed", "seed"]]),
+      ...numbers([["validation_fraction", "validation_fraction"], ["seed", "seed"],
+        ["keep_checkpoints", "keep_checkpoints"]]),
       ...(devices ? { devices: devices === "auto" ? "auto" : Number(devices) } : {}) };
-    if (type === "pretrain") return { ...body, model: { preset: value("preset") } };
+    if (type === "pretrain" && !value("base")) return { ...body, model: { preset: value("preset") } };
     body.base_checkpoint_id = value("base");
+    if (type === "pretrain") return body;  // continued pretraining: the base's model and tokenizer
     if (type === "finetune_classifier") Object.assign(body, numbers([["trainable_blocks", "trainable_blocks"]]));
     if (type === "finetune_instruct") body.mask_prompt = form.mask_prompt[0].checked;
     if (form.lora[0].checked) body.lora = numbers([["rank", "lora_rank"], ["alpha", "lora_alpha"]]);
@@ -62,9 +66,11 @@ export async function newRunPage() {
     const type = value("type");
     form.corpus[0].replaceChildren(...corpora.data.filter((c) => c.kind === CORPUS_KIND[type])
       .map((c) => el("option", { value: c.id }, `${c.name} (${c.n_records} records)`)));
-    form.base[0].replaceChildren(...checkpoints.data.filter((c) => c.task === "lm"
-      && !(form.adapter_only[0].checked && c.adapter_of_id))
-      .map((c) => el("option", { value: c.id }, `${c.id} (step ${c.step})`)));
+    const was = value("base");
+    form.base[0].replaceChildren(...(type === "pretrain" ? [el("option", { value: "" }, "none: a new model")] : []),
+      ...checkpoints.data.filter((c) => c.task === "lm" && !(form.adapter_only[0].checked && c.adapter_of_id))
+        .map((c) => el("option", { value: c.id, selected: c.id === was }, `${c.id} (step ${c.step})`)));
+    form.preset[0].disabled = Boolean(value("base"));
     for (const [control, types] of Object.values(form)) control.parentElement.hidden = types && !types.includes(type);
     for (const key of ["lora_rank", "lora_alpha", "adapter_only"]) form[key][0].disabled = !form.lora[0].checked;
   };
@@ -92,6 +98,7 @@ export async function newRunPage() {
   form.type[0].addEventListener("change", choices);
   form.lora[0].addEventListener("change", choices);
   form.adapter_only[0].addEventListener("change", choices);
+  form.base[0].addEventListener("change", () => { form.preset[0].disabled = Boolean(value("base")); });
   show(el("h1", {}, "New run"),
     el("div", { class: "form" }, Object.values(form).map(([control]) => field(control.getAttribute("aria-label"), control))),
     cost, el("p", {}, submit, may("train") ? "" : el("span", { class: "muted" }, " (this key's scope cannot start runs)")));

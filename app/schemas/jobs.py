@@ -81,7 +81,9 @@ class JobCreate(Strict):
     corpus_id: str = Field(max_length=40)
     validation_corpus_id: str | None = Field(None, max_length=40)
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
-    base_checkpoint_id: str | None = Field(None, max_length=40)
+    base_checkpoint_id: str | None = Field(None, max_length=40, description=(
+        "finetunes: the checkpoint they start from; pretrain: continue pretraining this language model checkpoint "
+        "on the corpus (its model and tokenizer; without it, a new model)"))
     model: ModelSpec | None = None
     tokenizer: Literal["gpt2"] | BPESpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -91,6 +93,9 @@ class JobCreate(Strict):
         "finetune_instruct with lora: checkpoints hold LoRA's tensors alone (kilobytes to megabytes, not the whole "
         "model); they load over the base checkpoint, and a deployment of the base serves them per request"))
     mask_prompt: bool = False
+    keep_checkpoints: int | None = Field(None, ge=0, le=100_000, description=(
+        "keep the newest N checkpoints and the best by validation loss, deleting the others as training goes (0: "
+        "keep all); older ones drop their optimizer state either way. Default: the service's checkpoints_kept"))
     seed: int = Field(1, ge=0, le=2**31 - 1)
     devices: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(1, description=(
         "processes training the job together (torch.distributed): GPUs of the worker, or CPU processes on a "
@@ -106,19 +111,18 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _fields_of_the_type(self):
-        if self.type == JobType.PRETRAIN:
-            if self.base_checkpoint_id is not None:
-                raise ValueError("pretraining starts from scratch: base_checkpoint_id is for finetunes")
-            if self.lora is not None:
-                raise ValueError("lora is for finetunes")
+        if self.type == JobType.PRETRAIN and self.lora is not None:
+            raise ValueError("lora is for finetunes")
+        if self.type == JobType.PRETRAIN and self.base_checkpoint_id is None:
             self.model = self.model or ModelSpec()
             self.tokenizer = self.tokenizer or "gpt2"
         else:
             if self.base_checkpoint_id is None:
                 raise ValueError(f"{self.type} needs base_checkpoint_id")
             if self.model is not None or self.tokenizer is not None:
-                raise ValueError("a finetune keeps its base checkpoint's model and tokenizer: drop model and "
-                                 "tokenizer")
+                what = "continued pretraining" if self.type == JobType.PRETRAIN else "a finetune"
+                raise ValueError(f"{what} keeps its base checkpoint's model and tokenizer: drop model and "
+                                 f"tokenizer")
         if self.adapter_only and (self.type != JobType.FINETUNE_INSTRUCT or self.lora is None):
             # a classifier's new head is no adapter a language model's deployment could serve
             raise ValueError("adapter_only is for finetune_instruct jobs with lora")

@@ -61,11 +61,31 @@ def _pretrain_cost(request: JobCreate) -> tuple[dict, JobCost]:
                                      "choose a smaller model, batch_size or block_size")
 
 
-def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobCost:
+def _language_model(session: Session, request: JobCreate) -> Checkpoint:
+    """The base checkpoint the request names: a language model's."""
     checkpoint = named_row(session, Checkpoint, request.base_checkpoint_id, "checkpoint", "base_checkpoint_id")
     if checkpoint.task != CheckpointTask.LM:
         raise Invalid(f"checkpoint {checkpoint.id} is a {checkpoint.task} checkpoint; {request.type} starts "
                       f"from a language model (task lm)", param="base_checkpoint_id")
+    return checkpoint
+
+
+def _continued_pretrain_cost(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
+    """Pretraining a base checkpoint's model further: its config, and the cost of a new run of it."""
+    checkpoint = _language_model(session, request)
+    config = GPTConfig.from_dict(checkpoint.model_config)
+    hp = request.hyperparameters
+    window = hp.block_size or config.context_length
+    if window > config.context_length:
+        raise Invalid(f"block_size {window} exceeds the base model's context length {config.context_length}",
+                      param="hyperparameters.block_size")
+    return config.to_dict(), JobCost(num_parameters(config), training_bytes(config, hp.batch_size, window),
+                                     hp.batch_size * hp.grad_accum_steps * window,
+                                     "choose a smaller batch_size or block_size")
+
+
+def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobCost:
+    checkpoint = _language_model(session, request)
     if request.adapter_only and checkpoint.adapter_of_id is not None:
         raise Invalid(f"checkpoint {checkpoint.id} is itself adapter-only: an adapter-only finetune starts from a "
                       f"checkpoint with all its weights (such as {checkpoint.adapter_of_id})",
@@ -99,8 +119,10 @@ def check_job(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
             raise Invalid(f"validation corpus labels {unknown} do not occur in the training corpus "
                           f"(labels {corpus.label_names})", param="validation_corpus_id")
     spec = request.model_dump(mode="json")
-    if request.type == jobs.JobType.PRETRAIN:
+    if request.type == jobs.JobType.PRETRAIN and request.base_checkpoint_id is None:
         spec["model_config"], cost = _pretrain_cost(request)
+    elif request.type == jobs.JobType.PRETRAIN:
+        spec["model_config"], cost = _continued_pretrain_cost(session, request)
     else:
         cost = _finetune_cost(session, request, corpus)
     return spec, cost

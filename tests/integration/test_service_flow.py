@@ -20,7 +20,7 @@ from core.db import Database
 from core.migrate import upgrade
 from core.settings import Settings
 from core.tables import Checkpoint, Metric
-from model import GPT, generate, gpt2_tokenizer, load_checkpoint, merge_lora
+from model import GPT, generate, gpt2_tokenizer, has_training_state, load_checkpoint, merge_lora
 from tests.helpers import TINY_LM, local_client, register_model
 
 JOB_TIMEOUT_S = 180
@@ -146,6 +146,18 @@ def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, s
     stream = service.client.get(f"/v1/jobs/{job['id']}/events/stream").text
     assert stream.rstrip().endswith('data: {"status": "succeeded"}') and "checkpoint at step 10" in stream
 
+    # continued pretraining starts from the checkpoint's weights: its first loss is the pretrained model's, not a
+    # new model's
+    continued = service.submit(type="pretrain", corpus_id=verdict, base_checkpoint_id=checkpoints[0]["id"],
+                               hyperparameters={"max_steps": 4, "batch_size": 4, "checkpoint_interval": 0})
+    assert continued["spec"]["model_config"] == checkpoints[0]["architecture"]
+    assert service.wait_until_done(continued["id"])["status"] == "succeeded"
+    continued_loss = service.client.get(f"/v1/jobs/{continued['id']}/metrics",
+                                        params={"name": "train_loss"}).json()["data"]
+    assert continued_loss[0]["value"] < (train_loss[0]["value"] + train_loss[-1]["value"]) / 2
+    [onward] = service.client.get("/v1/checkpoints", params={"job_id": continued["id"]}).json()["data"]
+    assert onward["parent_id"] == checkpoints[0]["id"] and onward["tokenizer_type"] == checkpoints[0]["tokenizer_type"]
+
     sms = b"\n".join((shared_data / "SMSSpamCollection.tsv").read_bytes().split(b"\n")[:120])
     spam = service.upload(None, "classification", sms, "sms.tsv")
     classifier = service.submit(type="finetune_classifier", corpus_id=spam, base_checkpoint_id=checkpoints[0]["id"],
@@ -264,6 +276,28 @@ def test_adapter_only_finetunes_are_served_per_request_over_their_base(service, 
                                                                "max_tokens": 8, "temperature": 0})
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["text"] == expected
+
+
+def test_a_job_keeps_its_newest_checkpoints_and_its_best_and_frees_the_rest(service, shared_data):
+    service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    # a learning rate high enough to overshoot, so the best validation loss may come before the newest two
+    job = service.submit(**pretrain_request(verdict, max_steps=8, checkpoint_interval=1, eval_interval=1,
+                                            learning_rate=0.05), keep_checkpoints=2)
+    assert service.wait_until_done(job["id"])["status"] == "succeeded"
+    kept = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    val_loss = {p["step"]: p["value"] for p in service.client.get(
+        f"/v1/jobs/{job['id']}/metrics", params={"name": "val_loss"}).json()["data"]}
+    best = min(val_loss, key=val_loss.get)
+    assert sorted(c["step"] for c in kept) == sorted({8, 7, best})
+    directories = checkpoint_dirs(service.settings, [c["id"] for c in kept])
+    on_disk = {path.name for path in directories[kept[0]["id"]].parent.iterdir() if not path.name.startswith(".")}
+    assert on_disk == {path.name for path in directories.values()}  # the others' files are gone
+    for checkpoint in kept:
+        directory = directories[checkpoint["id"]]
+        assert has_training_state(directory) == (checkpoint["step"] == 8)  # only the newest resumes
+        assert checkpoint["size_bytes"] == sum(f.stat().st_size for f in directory.iterdir())
+        load_checkpoint(directory)  # every kept one still loads
 
 
 def checkpoint_dirs(settings: Settings, checkpoint_ids: list[str]) -> dict:

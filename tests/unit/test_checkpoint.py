@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from model import GPT, GPTConfig
 from model.checkpoint import (
     CheckpointError,
+    drop_training_state,
+    has_training_state,
     is_adapter,
     load_adapter,
     load_checkpoint,
@@ -85,6 +87,21 @@ def test_training_state_round_trip(tmp_path):
     assert state == {"step": 5} and torch.equal(loaded["optimizer.0.exp_avg"], tensors["optimizer.0.exp_avg"])
     with pytest.raises(CheckpointError, match="no training state"):
         load_training_state(save_checkpoint(tmp_path / "u", GPT(CONFIG), gpt2_tokenizer()))
+
+
+def test_dropping_the_training_state_keeps_the_model(tmp_path):
+    model = GPT(CONFIG).eval()
+    tensors = {"optimizer.0.exp_avg": torch.randn(3, 4), "rng.cpu": torch.get_rng_state()}
+    path = save_checkpoint(tmp_path / "t", model, gpt2_tokenizer(), training_state=(tensors, {"step": 5}))
+    drop_training_state(path)
+    assert not has_training_state(path) and sorted(p.name for p in path.iterdir()) == ["config.json",
+                                                                                         "model.safetensors"]
+    assert set(read_metadata(path)["files"]) == {"model.safetensors"}
+    with pytest.raises(CheckpointError, match="no training state"):
+        load_training_state(path)
+    idx = torch.randint(0, CONFIG.vocab_size, (1, 8))
+    assert torch.equal(load_checkpoint(path)[0](idx)[0], model(idx)[0])
+    drop_training_state(path)  # again: nothing left to drop
 
 
 def test_truncated_weights_are_detected(saved):
