@@ -61,7 +61,7 @@ from model.kv_cache import KVCache
 from model.lora import Adapter, LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model.loss import perplexity
 from model.multi_lora import AdapterSet, MultiLoRALinear, adapter_bytes
-from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
+from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective, steps_for_epochs
 from model.sampling import SamplingParams
 from model.streaming import StreamEvent, TextStream
 from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_from_spec
@@ -77,7 +77,8 @@ __all__ = [
     "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionObjective", "KVCache", "LoRAConfig",
     "PretrainObjective", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
     "TrainResult", "Trainer", "apply_lora", "balance_classes", "encode_classification", "encode_instruction",
-    "NEXT_SECTION", "PROMPT_FORMAT", "perplexity", "format_chat", "drop_training_state", "has_training_state",
+    "NEXT_SECTION", "PROMPT_FORMAT", "steps_for_epochs", "perplexity", "format_chat", "drop_training_state",
+    "has_training_state",
     "export_hf_gpt2", "format_prompt", "format_response", "freeze_for_finetune", "generate", "generate_batch",
     "gpt2_tokenizer", "import_hf_gpt2", "load_checkpoint", "load_training_state", "merge_lora",
     "open_tokens", "random_batch", "read_classification_file", "read_instruction_file", "iter_classification_file",

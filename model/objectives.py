@@ -4,6 +4,7 @@ Each objective turns a global micro-batch index into a batch deterministically (
 run sees exactly the batches an uninterrupted run would have seen.
 """
 
+import math
 
 import numpy as np
 import torch
@@ -19,10 +20,14 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+def _per_epoch(n_rows: int, batch_size: int) -> int:
+    """Batches in an epoch of n_rows: the last rows short of a batch wait for the next epoch's order."""
+    return max(1, n_rows // batch_size)
+
+
 def _epoch_rows(n_rows: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     """Rows of batch `index` when every epoch visits all rows once in a seeded random order."""
-    per_epoch = max(1, n_rows // batch_size)
-    epoch, position = divmod(index, per_epoch)
+    epoch, position = divmod(index, _per_epoch(n_rows, batch_size))
     order = epoch_order(n_rows, epoch, seed)
     return order[position * batch_size: (position + 1) * batch_size]
 
@@ -40,6 +45,13 @@ class PretrainObjective:
                                  f"needs at least {block_size + 1}")
         self.train, self.val = train_tokens, val_tokens
         self.block_size, self.batch_size, self.seed, self.stride = block_size, batch_size, seed, stride
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Strided windows: batches that visit each once; random windows: batches of as many tokens as the split."""
+        if self.stride is None:
+            return _per_epoch(len(self.train), self.batch_size * self.block_size)
+        return _per_epoch(n_windows(len(self.train), self.block_size, self.stride), self.batch_size)
 
     def batch(self, index: int) -> tuple[Tensor, Tensor]:
         if self.stride is None:
@@ -83,6 +95,10 @@ class ClassificationObjective:
                 raise ValueError(f"the {name} set must hold ids, lengths and labels for at least one text")
         self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return _per_epoch(len(self.train[0]), self.batch_size)
+
     @staticmethod
     def _trimmed(ids: Tensor, lengths: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return ids[:, : int(lengths.max())], lengths, labels  # padding past the longest text is wasted work
@@ -124,6 +140,10 @@ class InstructionObjective:
         self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
         self.collate = dict(pad_id=pad_id, max_length=max_length, mask_prompt=mask_prompt)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return _per_epoch(len(self.train), self.batch_size)
+
     def batch(self, index: int):
         rows = _epoch_rows(len(self.train), self.batch_size, self.seed, index)
         return instruction_collate([self.train[i] for i in rows], **self.collate)
@@ -148,3 +168,8 @@ class InstructionObjective:
             count += int((y != -100).sum())
         loss = total / count
         return {"val_loss": loss, "val_perplexity": perplexity(loss)}
+
+
+def steps_for_epochs(objective, epochs: float, grad_accum_steps: int) -> int:
+    """Optimizer steps that train on `epochs` passes over the objective's training split (at least one)."""
+    return max(1, math.ceil(epochs * objective.batches_per_epoch / grad_accum_steps))

@@ -104,8 +104,8 @@ def job_request(args: argparse.Namespace) -> dict:
     if not isinstance(body, dict):
         raise ClientError(f"{args.file} must hold one mapping (a job request)")
     hyperparameters = body.setdefault("hyperparameters", {})
-    for flag, field in (("steps", "max_steps"), ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
-                        ("grad_accum_steps", "grad_accum_steps")):
+    for flag, field in (("steps", "max_steps"), ("epochs", "epochs"), ("batch_size", "batch_size"),
+                        ("learning_rate", "learning_rate"), ("grad_accum_steps", "grad_accum_steps")):
         if getattr(args, flag) is not None:
             hyperparameters[field] = getattr(args, flag)
     for flag, field in (("type", "type"), ("corpus", "corpus_id"), ("base", "base_checkpoint_id"),
@@ -342,6 +342,7 @@ def add_commands(commands) -> None:
     start.add_argument("--preset", help="the model preset (pretraining)")
     start.add_argument("--name")
     start.add_argument("--steps", type=int)
+    start.add_argument("--epochs", type=float, help="instead of --steps: passes over the training data")
     start.add_argument("--batch-size", type=int)
     start.add_argument("--learning-rate", type=float)
     start.add_argument("--grad-accum-steps", type=int)

@@ -2,7 +2,7 @@
 Trainer, resumed from the job's latest checkpoint."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from model import (
     read_metadata,
     split_dataset,
     split_tokens,
+    steps_for_epochs,
     tokenize_to_memmap,
     tokenizer_from_spec,
     train_bpe,
@@ -98,7 +99,9 @@ def job_devices(spec: dict, worker_concurrency: int) -> list[str]:
 
 
 def train_config(spec: dict, device: str) -> TrainConfig:
-    return TrainConfig.from_values(spec["hyperparameters"], device=device)
+    hp = spec["hyperparameters"]
+    # a run of epochs has its steps counted once its data is read (plan_job)
+    return TrainConfig.from_values({**hp, "max_steps": hp["max_steps"] or 1}, device=device)
 
 
 def _pretrain_tokenizer(spec: dict, text_path: Path, work: Path, base: Path | None):
@@ -224,10 +227,16 @@ def plan_job(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) 
     work = storage.job_work_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
     if job.type == JobType.PRETRAIN:
-        return _plan_pretrain(job, storage, inputs, work, device)
-    if job.type == JobType.FINETUNE_CLASSIFIER:
-        return _plan_classifier(job, storage, inputs, device)
-    return _plan_instruct(job, storage, inputs, device)
+        plan = _plan_pretrain(job, storage, inputs, work, device)
+    elif job.type == JobType.FINETUNE_CLASSIFIER:
+        plan = _plan_classifier(job, storage, inputs, device)
+    else:
+        plan = _plan_instruct(job, storage, inputs, device)
+    epochs = job.spec["hyperparameters"].get("epochs")
+    if epochs is not None:  # counted on the data now read: the same count on every rank and after a resume
+        plan.config = replace(plan.config, max_steps=steps_for_epochs(plan.objective, epochs,
+                                                                      plan.config.grad_accum_steps))
+    return plan
 
 
 def prepare_data(job: Job, storage: DataDir, inputs: "TrainingInputs") -> None:

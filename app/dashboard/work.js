@@ -19,6 +19,7 @@ export async function newRunPage() {
       `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))), ["pretrain"]],
     base: [el("select", { name: "base", "aria-label": "base checkpoint" })],
     steps: [input("steps", { type: "number", value: 200, min: 1 })],
+    epochs: [optional("epochs", { min: 0, step: 0.5, title: "instead of steps: passes over the training data" })],
     batch: [input("batch size", { type: "number", value: 8, min: 1 })],
     accumulation: [input("grad accum steps", { type: "number", value: 1, min: 1 })],
     learning_rate: [input("learning rate", { type: "number", value: 0.0006, step: 0.0001, min: 0 })],
@@ -47,7 +48,8 @@ export async function newRunPage() {
     const type = value("type");
     const devices = value("devices").trim();
     const body = { type, corpus_id: value("corpus"), name: value("name") || null,
-      hyperparameters: numbers([["max_steps", "steps"], ["batch_size", "batch"], ["grad_accum_steps", "accumulation"],
+      hyperparameters: numbers([[value("epochs") ? "epochs" : "max_steps", value("epochs") ? "epochs" : "steps"],
+        ["batch_size", "batch"], ["grad_accum_steps", "accumulation"],
         ["learning_rate", "learning_rate"], ["warmup_steps", "warmup_steps"], ["eval_interval", "eval_interval"],
         ["checkpoint_interval", "checkpoint_interval"]]),
       ...numbers([["validation_fraction", "validation_fraction"], ["seed", "seed"],
@@ -82,7 +84,8 @@ export async function newRunPage() {
         const e = await send("/v1/jobs/estimate", request());
         cost.className = e.fits ? "muted" : "error";
         cost.textContent = `${(e.parameters / 1e6).toFixed(2)}M parameters · about ${bytes(e.memory_bytes)} of memory ` +
-          `(the limit is ${bytes(e.memory_limit_bytes)}) · ${e.tokens_per_step.toLocaleString()} tokens per step` +
+          `(the limit is ${bytes(e.memory_limit_bytes)}) · ${e.tokens_per_step.toLocaleString()} tokens per step · ` +
+          `${e.steps.toLocaleString()} steps${value("epochs") ? " (estimated from the corpus)" : ""}` +
           (e.refusal ? ` · ${e.refusal}` : "");
       } catch (error) { cost.className = "error"; cost.textContent = error.message; }
     }, 300);

@@ -40,7 +40,7 @@ def estimate_job(body: JobCreate, session: SessionDep, settings: SettingsDep) ->
     refusal = memory_refusal(cost, body.hyperparameters.batch_size, settings.max_training_memory_bytes)
     return JobEstimate(parameters=cost.parameters, memory_bytes=cost.memory_bytes,
                        memory_limit_bytes=settings.max_training_memory_bytes, tokens_per_step=cost.tokens_per_step,
-                       fits=refusal is None, refusal=refusal)
+                       steps=cost.steps, fits=refusal is None, refusal=refusal)
 
 
 @router.get("/presets")

@@ -50,7 +50,11 @@ class Hyperparameters(Strict):
     # model.TrainConfig's fields and defaults (but the device, which the worker picks, and Adam's betas), and
     # those of the training data: batch size, windows, lengths
 
-    max_steps: int = Field(TRAIN.max_steps, ge=1, le=10_000_000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description=(
+        f"optimizer steps; default {TRAIN.max_steps} unless epochs is given"))
+    epochs: float | None = Field(None, gt=0, le=100_000, description=(
+        "instead of max_steps: passes over the training split (its records, its strided windows, or as many tokens "
+        "as it holds); the worker turns them into steps once it has read the data"))
     batch_size: int = Field(8, ge=1, le=4096)
     learning_rate: float = Field(TRAIN.learning_rate, gt=0, le=1)
     min_learning_rate: float | None = Field(TRAIN.min_learning_rate, ge=0)
@@ -71,7 +75,12 @@ class Hyperparameters(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        TrainConfig.from_values(self.model_dump())  # the library's rules between fields, in its words
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        if self.epochs is None and self.max_steps is None:
+            self.max_steps = TRAIN.max_steps
+        # the library's rules between fields, in its words (a run of epochs has at least one step)
+        TrainConfig.from_values({**self.model_dump(), "max_steps": self.max_steps or 1})
         return self
 
 
@@ -135,6 +144,7 @@ class JobEstimate(BaseModel):
     memory_bytes: int = Field(description="weights, gradients, AdamW state and one step's activations (estimated)")
     memory_limit_bytes: int
     tokens_per_step: int = Field(description="batch_size x grad_accum_steps x window (at most, for finetunes)")
+    steps: int = Field(description="max_steps, or the steps epochs come to, estimated from the corpus's size")
     fits: bool
     refusal: str | None = Field(description="why POST /v1/jobs would refuse it, if it would")
 

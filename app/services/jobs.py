@@ -1,6 +1,7 @@
 """Checking a job request against the database and the model library, costing it, queueing it."""
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,7 @@ class JobCost:
     memory_bytes: int
     tokens_per_step: int
     advice: str  # what to change when it does not fit
+    steps: int = 0  # max_steps, or what its epochs come to (estimated: see _planned_steps)
 
 
 def _pretrain_cost(request: JobCreate) -> tuple[dict, JobCost]:
@@ -125,7 +127,23 @@ def check_job(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
         spec["model_config"], cost = _continued_pretrain_cost(session, request)
     else:
         cost = _finetune_cost(session, request, corpus)
-    return spec, cost
+    return spec, replace(cost, steps=_planned_steps(request, corpus, cost))
+
+
+def _planned_steps(request: JobCreate, corpus: Corpus, cost: JobCost) -> int:
+    """max_steps; for a run of epochs, the steps they come to as the corpus's recorded size says (GPT-2 tokens
+    or records): the worker counts them exactly once it has read the data, and corrects the job's total."""
+    hp = request.hyperparameters
+    if hp.epochs is None:
+        return hp.max_steps
+    kept = 1.0 if request.validation_corpus_id else 1 - request.validation_fraction  # the training split
+    if request.type != jobs.JobType.PRETRAIN:
+        batches = corpus.n_records * kept / hp.batch_size
+    else:
+        tokens = (corpus.n_tokens or corpus.size_bytes // 4) * kept  # about 4 bytes per GPT-2 token
+        window = cost.tokens_per_step // (hp.batch_size * hp.grad_accum_steps)
+        batches = tokens / (hp.stride or window) / hp.batch_size  # strided windows, or windows' worth of tokens
+    return max(1, math.ceil(hp.epochs * max(1.0, batches) / hp.grad_accum_steps))
 
 
 def memory_refusal(cost: JobCost, batch_size: int, max_memory_bytes: int) -> str | None:
@@ -145,7 +163,7 @@ def create_job(session: Session, request: JobCreate, max_training_memory_bytes: 
     return jobs.create(session, name=request.name, type=request.type, corpus_id=request.corpus_id,
                        validation_corpus_id=request.validation_corpus_id,
                        base_checkpoint_id=request.base_checkpoint_id, spec=spec, seed=request.seed,
-                       total_steps=request.hyperparameters.max_steps)
+                       total_steps=cost.steps)
 
 
 def send_job(queue: JobQueue, session: Session, job: Job) -> None:

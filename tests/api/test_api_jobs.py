@@ -218,6 +218,8 @@ INVALID = [  # (id, changes to the README request, or a function of the fixture'
     ("continued_pretraining_of_a_classifier", lambda ids: {"base_checkpoint_id": ids["classifier"], "model": None,
                                                           "tokenizer": None},
      ("is a classifier checkpoint",), "base_checkpoint_id"),
+    ("steps_and_epochs", {"hyperparameters": {"max_steps": 10, "epochs": 2}}, ("max_steps or epochs",), None),
+    ("no_epochs", {"hyperparameters": {"epochs": 0}}, ("epochs",), None),
     ("adapter_only_without_lora", lambda ids: {"type": "finetune_instruct", "corpus_id": ids["instruction"],
                                                "base_checkpoint_id": ids["lm"], "model": None, "tokenizer": None,
                                                "adapter_only": True}, ("adapter_only", "with lora"), None),
@@ -465,7 +467,7 @@ def test_a_job_is_costed_before_it_is_started(api, text_corpus):
         "batch_size": 8, "grad_accum_steps": 2, "block_size": 64})).json()
     assert estimate == {"object": "job.estimate", "parameters": num_parameters(nano),
                         "memory_bytes": training_bytes(nano, 8, 64), "memory_limit_bytes": 16 * 1024**3,
-                        "tokens_per_step": 8 * 2 * 64, "fits": True, "refusal": None}
+                        "tokens_per_step": 8 * 2 * 64, "steps": 200, "fits": True, "refusal": None}
     huge = api.post("/v1/jobs/estimate", json=readme_job(text_corpus, model={"preset": "gpt2-xl"},
                                                          hyperparameters={"batch_size": 64})).json()
     assert huge["fits"] is False and "max_training_memory_bytes" in huge["refusal"]
@@ -474,3 +476,16 @@ def test_a_job_is_costed_before_it_is_started(api, text_corpus):
     assert_no_jobs(api)  # an estimate starts nothing
     presets = {p["name"]: p for p in api.get("/v1/jobs/presets").json()["data"]}
     assert presets["gpt2"]["n_layer"] == 12 and "nano" in presets
+
+
+def test_a_run_of_epochs_is_counted_in_steps_from_the_corpus(api, text_corpus):
+    corpus = api.get(f"/v1/corpora/{text_corpus}").json()
+    body = readme_job(text_corpus, hyperparameters={"epochs": 3, "batch_size": 2, "grad_accum_steps": 1},
+                      model={"preset": "nano", "context_length": 16})
+    estimate = api.post("/v1/jobs/estimate", json=body).json()
+    windows = corpus["n_tokens"] * 0.9 / 16  # the training split's tokens, in windows of the context
+    assert estimate["steps"] == max(1, -(-3 * (windows / 2) // 1))
+    job = api.post("/v1/jobs", json=body).json()
+    assert job["progress"]["total_steps"] == estimate["steps"] and job["spec"]["hyperparameters"]["epochs"] == 3
+    assert job["spec"]["hyperparameters"]["max_steps"] is None
+    assert api.post("/v1/jobs/estimate", json=readme_job(text_corpus)).json()["steps"] == 200

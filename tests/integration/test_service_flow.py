@@ -256,9 +256,12 @@ def test_adapter_only_finetunes_are_served_per_request_over_their_base(service, 
                                                             "max_new_tokens": 4})
     assert response.status_code == 201, response.text
     assert service.wait_until_done(response.json()["job_id"])["status"] == "succeeded"
+    # in epochs: 11 training records (one held out) in batches of 4 make 2 batches an epoch, so 2 epochs are 4 steps
     onward = service.submit(**{**finetune, "base_checkpoint_id": adapters[1],
-                               "hyperparameters": {"max_steps": 2, "batch_size": 4, "checkpoint_interval": 0}})
-    assert service.wait_until_done(onward["id"])["status"] == "succeeded"
+                               "hyperparameters": {"epochs": 2, "batch_size": 4, "checkpoint_interval": 0}})
+    assert onward["progress"]["total_steps"] == 6  # the service's estimate from the corpus: 10.8 records
+    done = service.wait_until_done(onward["id"])
+    assert done["status"] == "succeeded" and done["progress"]["step"] == done["progress"]["total_steps"] == 4
 
     deployed = service.client.post("/v1/deployments", json={"name": "adapted", "checkpoint_id": base,
                                                             "adapters": {"one": adapters[0], "two": adapters[1]}})
