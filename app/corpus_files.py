@@ -7,9 +7,10 @@ from pathlib import Path
 
 from core.enums import CorpusKind
 from model import DataFormatError, gpt2_tokenizer, iter_classification_file, iter_instruction_file, label_order
+from model.preference_data import iter_preference_file, preference_prompt
 
 FORMATS = {CorpusKind.TEXT: ("txt",), CorpusKind.CLASSIFICATION: ("csv", "tsv", "jsonl"),
-           CorpusKind.INSTRUCTION: ("json", "jsonl")}
+           CorpusKind.INSTRUCTION: ("json", "jsonl"), CorpusKind.PREFERENCE: ("json", "jsonl")}
 TOKEN_COUNT_LIMIT_BYTES = 64 * 1024 * 1024  # larger text corpora are counted when a job tokenizes them
 BLOCK_BYTES = 1 << 18
 
@@ -95,11 +96,16 @@ def _check_records(path: Path, kind: CorpusKind) -> CorpusSummary:
             n_tokens += tokenizer.count_tokens([text])
             labels.add(label)
         return CorpusSummary(n_records, n_tokens, label_order(path, labels))
-    for record in iter_instruction_file(path):
-        n_records += 1
-        n_tokens += tokenizer.count_tokens([record["instruction"], record["input"], record["output"]])
+    if kind == CorpusKind.PREFERENCE:
+        for record in iter_preference_file(path):
+            n_records += 1
+            n_tokens += tokenizer.count_tokens([preference_prompt(record), record["chosen"], record["rejected"]])
+    else:
+        for record in iter_instruction_file(path):
+            n_records += 1
+            n_tokens += tokenizer.count_tokens([record["instruction"], record["input"], record["output"]])
     if not n_records:
-        raise CorpusContentError("the file holds no instruction records")
+        raise CorpusContentError(f"the file holds no {kind} records")
     return CorpusSummary(n_records, n_tokens)
 
 

@@ -7,6 +7,7 @@ class CorpusKind(StrEnum):
     TEXT = "text"
     CLASSIFICATION = "classification"
     INSTRUCTION = "instruction"
+    PREFERENCE = "preference"  # prompts with a chosen and a rejected response (DPO)
 
 
 class CheckpointTask(StrEnum):
@@ -25,6 +26,7 @@ class EvaluationKind(StrEnum):
     LM = "lm"  # a language model on text
     CLASSIFIER = "classifier"  # a classifier on labelled texts
     INSTRUCT = "instruct"  # an instruction model on instructions
+    PREFERENCE = "preference"  # a language model on preference pairs: does it rank chosen above rejected
 
 
 class ServingDtype(StrEnum):

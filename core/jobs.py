@@ -45,12 +45,14 @@ class JobType(StrEnum):
     PRETRAIN = "pretrain"
     FINETUNE_CLASSIFIER = "finetune_classifier"
     FINETUNE_INSTRUCT = "finetune_instruct"
+    FINETUNE_DPO = "finetune_dpo"  # preference tuning of an instruction model
     EVALUATE = "evaluate"  # created by an evaluation request, never directly
 
 
-TRAINING = (JobType.PRETRAIN, JobType.FINETUNE_CLASSIFIER, JobType.FINETUNE_INSTRUCT)
+TRAINING = (JobType.PRETRAIN, JobType.FINETUNE_CLASSIFIER, JobType.FINETUNE_INSTRUCT, JobType.FINETUNE_DPO)
 CORPUS_KIND = {JobType.PRETRAIN: CorpusKind.TEXT, JobType.FINETUNE_CLASSIFIER: CorpusKind.CLASSIFICATION,
-               JobType.FINETUNE_INSTRUCT: CorpusKind.INSTRUCTION}  # what each training job learns from
+               JobType.FINETUNE_INSTRUCT: CorpusKind.INSTRUCTION,
+               JobType.FINETUNE_DPO: CorpusKind.PREFERENCE}  # what each training job learns from
 
 
 class Lease(StrEnum):

@@ -29,6 +29,7 @@ from model.classification_data import (
 from model.classifier import GPTClassifier, freeze_for_finetune
 from model.config import ConfigError, GPTConfig
 from model.data import open_tokens, random_batch, split_tokens, tokenize_to_memmap
+from model.dpo import DPOObjective, PreferenceScores, pair_logprobs, preference_scores, sequence_logprobs
 from model.evaluation import (
     JUDGE_PROMPT,
     EvaluationStopped,
@@ -47,6 +48,7 @@ from model.evaluation import (
 from model.generate import Decoder, generate, generate_batch, stream_generate
 from model.gpt import GPT
 from model.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
+from model.hf_llama import export_hf_llama, import_hf_llama
 from model.instruction_data import (
     NEXT_SECTION,
     PROMPT_FORMAT,
@@ -61,7 +63,15 @@ from model.kv_cache import KVCache
 from model.lora import Adapter, LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model.loss import perplexity
 from model.multi_lora import AdapterSet, MultiLoRALinear, adapter_bytes
+from model.muon import CombinedOptimizer, Muon
 from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective, steps_for_epochs
+from model.preference_data import (
+    PreferencePair,
+    encode_preference,
+    iter_preference_file,
+    preference_prompt,
+    read_preference_file,
+)
 from model.sampling import SamplingParams
 from model.streaming import StreamEvent, TextStream
 from model.tokenizer import Tokenizer, get_tokenizer, gpt2_tokenizer, tokenizer_from_spec
@@ -73,6 +83,8 @@ __all__ = [
     "GPT", "JUDGE_PROMPT", "EvaluationStopped", "LMScore", "classification_report", "classify", "exact_match",
     "generate_responses", "judge_prompt", "parse_judge_score", "response_loss", "score_tokens",
     "token_byte_lengths", "token_f1",
+    "export_hf_llama", "import_hf_llama",
+    "CombinedOptimizer", "Muon",
     "Callback", "CheckpointError", "ClassificationData", "ClassificationObjective", "ConfigError",
     "DataFormatError", "Decoder", "GPTClassifier", "GPTConfig", "InstructionObjective", "KVCache", "LoRAConfig",
     "PretrainObjective", "TrainProgress", "SamplingParams", "StreamEvent", "TextStream", "Tokenizer", "TrainConfig",
@@ -85,4 +97,6 @@ __all__ = [
     "iter_instruction_file", "label_order", "read_metadata",
     "save_checkpoint", "split_dataset", "split_tokens", "stream_generate", "tokenize_to_memmap",
     "tokenizer_from_spec", "get_tokenizer", "train_bpe",
+    "DPOObjective", "PreferencePair", "PreferenceScores", "encode_preference", "iter_preference_file", "pair_logprobs",
+    "preference_prompt", "preference_scores", "read_preference_file", "sequence_logprobs",
 ]

@@ -26,7 +26,8 @@ ProgressCallback = Callable[[int, int], bool] | None
 
 
 # the metrics that rank checkpoints, and which way is better; the others (tokens, bytes, counts) describe
-HIGHER_IS_BETTER = ("accuracy", "macro_f1", "exact_match", "token_f1", "judge_score")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "exact_match", "token_f1", "judge_score", "preference_accuracy",
+                    "mean_margin")
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "response_loss", "response_perplexity")
 LOGIT_ROWS = 512  # logits are made this many positions at a time: [512, 50257] fp32 is 100 MB
 

@@ -1,40 +1,37 @@
 """The GPT: token + learned position embeddings, pre-LayerNorm blocks, a final LayerNorm and an LM head
-tied to the token embedding (or, with tie_embeddings=False, a separate output layer)."""
+tied to the token embedding (or, with tie_embeddings=False, a separate output layer).
+
+The same model is a Llama or Qwen3 with rotary positions (no position table), RMSNorm, SwiGLU,
+grouped-query attention and qk_norm (see GPTConfig); the norms keep GPT-2's names ln_1, ln_2 and ln_f.
+"""
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import CausalSelfAttention
 from model.config import GPTConfig
-from model.kv_cache import KVCache
+from model.kv_cache import CacheWrite, KVCache
 from model.linear import Linear, PackedWeight, pack, pack_linears
 from model.loss import cross_entropy
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+from model.mlp import mlp_layer
+from model.norm import norm_layer
+from model.rope import rotation
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = norm_layer(config)
+        self.mlp = mlp_layer(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, write=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, write)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, write: CacheWrite | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, write, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -43,10 +40,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = None if config.tie_embeddings else Linear(config.n_embd, config.vocab_size,
                                                                  bias=False)
         self.packed_output: PackedWeight | None = None  # see pack_for_batches
@@ -82,31 +79,36 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None,
                       slots: Tensor | None = None) -> Tensor:
-        """Final-LayerNorm hidden states [B, T, C] of token ids idx [B, T].
+        """Final-norm hidden states [B, T, C] of token ids idx [B, T].
 
         With a cache, idx continues each row's cached sequence (rows are slots 0..B-1, or `slots`).
         """
         B, T = idx.shape
-        if cache is None:
-            if self.config.context_length < T:
-                raise ValueError(f"sequence of {T} tokens exceeds the context length "
-                                 f"{self.config.context_length}")
-            x = self.wte(idx) + self.wpe.weight[:T]
-            write = None
-        else:
-            write = cache.plan(B, T, slots)
-            if write.key_length > self.config.context_length:
-                raise ValueError(f"sequence of {write.key_length} tokens exceeds the context length "
-                                 f"{self.config.context_length}")
-            pos = self.wpe.weight[write.start: write.start + T] if write.start is not None \
-                else self.wpe(write.positions)
-            x = self.wte(idx) + pos
+        write = None if cache is None else cache.plan(B, T, slots)
+        length = T if write is None else write.key_length
+        if length > self.config.context_length:
+            raise ValueError(f"sequence of {length} tokens exceeds the context length "
+                             f"{self.config.context_length}")
+        x, rope = self._embed(idx, write)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, write)
+            x = block(x, cache, layer, write, rope)
         if cache is not None:
             cache.commit(write, T)
         return self.ln_f(x)
+
+    def _embed(self, idx: Tensor, write: CacheWrite | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The embeddings [B, T, C] of the new tokens idx [B, T]: with learned positions, tokens + positions;
+        with rope, the tokens alone and the cos and sin that rotate the queries and keys at their positions."""
+        T = idx.shape[1]
+        x = self.wte(idx)
+        if self.wpe is None:
+            positions = torch.arange(T, device=idx.device) if write is None else write.positions[:, None]
+            return x, rotation(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        start = 0 if write is None else write.start
+        if start is not None:  # every row at the same positions: a slice, not a gather
+            return x + self.wpe.weight[start: start + T], None
+        return x + self.wpe(write.positions), None
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits [B, T, vocab_size] and, with targets [B, T] (-100 = ignored), the mean loss."""
@@ -119,5 +121,5 @@ class GPT(nn.Module):
     def new_cache(self, n_slots: int, max_length: int | None = None) -> KVCache:
         c = self.config
         weight = self.wte.weight
-        return KVCache(c.n_layer, n_slots, c.n_head, max_length or c.context_length, c.head_dim,
+        return KVCache(c.n_layer, n_slots, c.kv_heads, max_length or c.context_length, c.head_dim,
                        device=weight.device, dtype=weight.dtype)

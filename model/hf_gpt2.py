@@ -251,6 +251,20 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     return model.eval()
 
 
+def _check_gpt2_expresses(c: GPTConfig) -> None:
+    if not (c.qkv_bias and c.bias):
+        raise ValueError(f"GPT-2 has biases on every linear layer and LayerNorm; this model has "
+                         f"qkv_bias={c.qkv_bias}, bias={c.bias}, which Hugging Face GPT-2 cannot express")
+    gpt2 = {"position": (c.position, "learned"), "norm": (c.norm, "layernorm"), "mlp": (c.mlp, "gelu"),
+            "mlp_hidden": (c.mlp_width, 4 * c.n_embd), "n_kv_head": (c.kv_heads, c.n_head),
+            "qk_norm": (c.qk_norm, False)}
+    unlike = [f"{name}={ours!r}" for name, (ours, theirs) in gpt2.items() if ours != theirs]
+    if unlike:
+        raise ValueError(f"this model has {', '.join(unlike)}, which Hugging Face GPT-2 cannot express: it has "
+                         f"learned positions, LayerNorm, a GELU MLP 4 x n_embd wide, one key/value head per "
+                         f"query head and no qk_norm")
+
+
 def export_hf_gpt2(model: GPT, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """Write model as a Hugging Face GPT-2 checkpoint directory that GPT2LMHeadModel.from_pretrained loads. Given
     the model's tokenizer, its files for AutoTokenizer.from_pretrained (model.hf_tokenizer) and its end-of-text id
@@ -261,16 +275,11 @@ def export_hf_gpt2(model: GPT, path: str | os.PathLike, tokenizer: Tokenizer | N
     if has_lora(model):
         raise ValueError("the model has LoRA adapters: merge them first with model.lora.merge_lora")
     c = model.config
-    if not (c.qkv_bias and c.bias):
-        raise ValueError(f"GPT-2 has biases on every linear layer and LayerNorm; this model has "
-                         f"qkv_bias={c.qkv_bias}, bias={c.bias}, which Hugging Face GPT-2 cannot express")
-    tokenizer_files = hf_tokenizer_files(tokenizer, c.context_length) if tokenizer is not None else {}
-
+    _check_gpt2_expresses(c)
     tensors = {}
     for name, tensor in model.state_dict().items():
         hf = _hf_name(name)
-        tensor = tensor.t() if _is_conv1d(hf) else tensor
-        tensors[hf] = tensor.detach().cpu().contiguous()
+        tensors[hf] = tensor.t() if _is_conv1d(hf) else tensor
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -287,13 +296,23 @@ def export_hf_gpt2(model: GPT, path: str | os.PathLike, tokenizer: Tokenizer | N
         "attn_pdrop": c.dropout,
         "tie_word_embeddings": c.tie_embeddings,
     }
+    return write_hf_checkpoint(path, tensors, hf_config, c, tokenizer)
+
+
+def write_hf_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], hf_config: dict, config: GPTConfig,
+                        tokenizer: Tokenizer | None) -> Path:
+    """Write a Hugging Face checkpoint directory: the tensors, config.json with the end-of-text id as bos and eos
+    (GPT-2's without a tokenizer) and the tokenizer's files (ValueError, before anything is written, for a
+    tokenizer they cannot express)."""
+    tokenizer_files = hf_tokenizer_files(tokenizer, config.context_length) if tokenizer is not None else {}
     eot_id = GPT2_EOT_ID if tokenizer is None else tokenizer.eot_id
     # An end-of-text id outside the vocabulary (GPT-2's, for a smaller one) makes transformers warn.
-    special_ids = {"bos_token_id": eot_id, "eos_token_id": eot_id} if eot_id < c.vocab_size else {}
+    special_ids = {"bos_token_id": eot_id, "eos_token_id": eot_id} if eot_id < config.vocab_size else {}
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, path / WEIGHTS,
+              metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps({**hf_config, **special_ids}, indent=2) + "\n")
     if special_ids:  # as save_pretrained writes it: servers such as vLLM read the stop token from there
         (path / GENERATION_CONFIG).write_text(json.dumps(special_ids, indent=2) + "\n")

@@ -27,9 +27,9 @@ class CacheWrite:
 
 
 class KVCache:
-    def __init__(self, n_layer: int, n_slots: int, n_head: int, max_length: int, head_dim: int,
+    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, max_length: int, head_dim: int,
                  device=None, dtype=torch.float32):
-        shape = (n_layer, n_slots, n_head, max_length, head_dim)
+        shape = (n_layer, n_slots, n_kv_head, max_length, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)  # tokens held per slot
@@ -79,7 +79,7 @@ class KVCache:
             self.lengths[write.slots] += n_new
 
     def store(self, layer: int, write: CacheWrite, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, H, T, D] of one layer; return the keys and values to attend over."""
+        """Store k, v [B, H_kv, T, D] of one layer; return the keys and values to attend over."""
         batch, n_new = k.shape[0], k.shape[2]
         k_layer, v_layer = self.k[layer], self.v[layer]
         if write.slots is None and write.start is not None:
@@ -88,7 +88,7 @@ class KVCache:
             return k_layer[:batch, :, : write.key_length], v_layer[:batch, :, : write.key_length]
         rows = torch.arange(batch, device=k.device) if write.slots is None else write.slots
         row_index = rows[:, None].expand(batch, n_new)
-        # advanced indices around a slice put their dims first: [B, T, H, D]
+        # advanced indices around a slice put their dims first: [B, T, H_kv, D]
         k_layer[row_index, :, write.positions] = k.transpose(1, 2)
         v_layer[row_index, :, write.positions] = v.transpose(1, 2)
         if write.slots is None:  # rows 0..B-1: the keys are read in place, not gathered into a copy

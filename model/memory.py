@@ -10,38 +10,57 @@ from model.config import GPTConfig
 from model.lora import LoRAConfig
 
 FLOAT32_BYTES = 4
-# Activations kept per layer and token for the backward pass, in floats: the two LayerNorm inputs (2C),
-# q, k, v (3C), the attention output (C), the MLP's hidden layer before and after the GELU (8C) and the
-# two residual sums (2C). Fused attention (scaled_dot_product_attention) keeps no T x T scores.
-ACTIVATION_FLOATS_PER_LAYER = 16
 # The logits and their gradient (the cross-entropy's softmax), per token: 2 x vocab_size floats.
 LOGIT_COPIES = 2
 
 
+def linear_shapes(config: GPTConfig) -> dict[str, list[tuple[int, int]]]:
+    """(inputs, outputs) of a block's linear layers under the names LoRA targets: c_proj is both the
+    attention's and the MLP's; SwiGLU's c_fc holds the gate and up projections."""
+    c, hidden = config.n_embd, config.mlp_width
+    qkv = c + 2 * config.kv_heads * config.head_dim
+    fc = 2 * hidden if config.mlp == "swiglu" else hidden
+    return {"c_attn": [(c, qkv)], "c_proj": [(c, c), (hidden, c)], "c_fc": [(c, fc)]}
+
+
+def norm_parameters(config: GPTConfig) -> int:
+    """One norm over n_embd: a weight, and a LayerNorm's bias when config.bias."""
+    return config.n_embd * (1 + int(config.bias and config.norm == "layernorm"))
+
+
 def block_parameters(config: GPTConfig) -> int:
     """The parameters of one transformer block."""
-    c, bias = config.n_embd, int(config.bias)
-    layer_norm = c * (1 + bias)
-    attention = c * 3 * c + 3 * c * int(config.qkv_bias) + c * c + c * bias
-    mlp = c * 4 * c + 4 * c * bias + 4 * c * c + c * bias
-    return 2 * layer_norm + attention + mlp
+    linears = sum(n_in * n_out + n_out * int(config.qkv_bias if name == "c_attn" else config.bias)
+                  for name, layers in linear_shapes(config).items() for n_in, n_out in layers)
+    qk_norm = 2 * config.head_dim if config.qk_norm else 0
+    return 2 * norm_parameters(config) + linears + qk_norm
 
 
 def num_parameters(config: GPTConfig) -> int:
     """GPT(config).num_parameters(), without building it."""
     c = config.n_embd
-    final_norm = c * (1 + int(config.bias))
-    embeddings = (config.vocab_size + config.context_length) * c
+    positions = config.context_length * c if config.position == "learned" else 0  # rope has no table
     head = 0 if config.tie_embeddings else config.vocab_size * c
-    return embeddings + config.n_layer * block_parameters(config) + final_norm + head
+    embeddings = config.vocab_size * c + positions + head
+    return embeddings + config.n_layer * block_parameters(config) + norm_parameters(config)
 
 
 def lora_parameters(config: GPTConfig, lora: LoRAConfig) -> int:
     """The adapters apply_lora adds to a GPT: rank x (inputs + outputs) per adapted linear layer."""
-    c = config.n_embd
-    shapes = {"c_attn": [(c, 3 * c)], "c_proj": [(c, c), (4 * c, c)], "c_fc": [(c, 4 * c)]}
+    shapes = linear_shapes(config)
     per_block = sum(lora.rank * (n_in + n_out) for target in lora.targets for n_in, n_out in shapes[target])
     return config.n_layer * per_block
+
+
+def activation_floats_per_layer(config: GPTConfig) -> int:
+    """The activations one layer keeps per token for the backward pass, in floats: the two norm inputs (2C),
+    q, k, v (C + 2 x the key/value width), the attention output (C), the MLP's hidden layers (GELU: before and
+    after it, 2 x hidden; SwiGLU: gate, up, silu(gate) and the product, 4 x hidden) and the two residual sums
+    (2C); 16C for GPT-2. Fused attention (scaled_dot_product_attention) keeps no T x T scores."""
+    c = config.n_embd
+    qkv = c + 2 * config.kv_heads * config.head_dim
+    mlp = (4 if config.mlp == "swiglu" else 2) * config.mlp_width
+    return 2 * c + qkv + c + mlp + 2 * c
 
 
 def weight_bytes(config: GPTConfig, dtype_bytes: int = FLOAT32_BYTES) -> int:
@@ -53,7 +72,7 @@ def activation_bytes(config: GPTConfig, batch_size: int, context: int, dtype_byt
     """A rough estimate of the activations one training step keeps for the backward pass; logits_per_token
     defaults to the LM head's vocab_size (a classifier's head reads one position: 0)."""
     logits = config.vocab_size if logits_per_token is None else logits_per_token
-    per_token = config.n_layer * ACTIVATION_FLOATS_PER_LAYER * config.n_embd + LOGIT_COPIES * logits
+    per_token = config.n_layer * activation_floats_per_layer(config) + LOGIT_COPIES * logits
     return batch_size * context * per_token * dtype_bytes
 
 
@@ -73,7 +92,7 @@ def finetune_bytes(config: GPTConfig, batch_size: int, context: int, n_classes: 
                    dtype_bytes: int = FLOAT32_BYTES) -> int:
     """Finetuning a GPT of config: an instruction finetune (n_classes None) trains every weight, or with
     lora its adapters; a classifier (the LM head replaced by an n_classes head) trains its last
-    trainable_blocks blocks, the final LayerNorm and the head, or with lora its adapters and the head."""
+    trainable_blocks blocks, the final norm and the head, or with lora its adapters and the head."""
     adapters = lora_parameters(config, lora) if lora is not None else 0
     if n_classes is None:
         weights = num_parameters(config)
@@ -82,8 +101,7 @@ def finetune_bytes(config: GPTConfig, batch_size: int, context: int, n_classes: 
         return _step_bytes(weights + adapters, trainable, activations, dtype_bytes)
     body = replace(config, tie_embeddings=True)
     head = (config.n_embd + 1) * n_classes
-    final_norm = config.n_embd * (1 + int(config.bias))
-    top = trainable_blocks * block_parameters(config) + final_norm
+    top = trainable_blocks * block_parameters(config) + norm_parameters(config)
     trainable = head + (adapters if lora is not None else top)
     activations = activation_bytes(body, batch_size, context, dtype_bytes, logits_per_token=0)
     return _step_bytes(num_parameters(body) + head + adapters, trainable, activations, dtype_bytes)
@@ -91,9 +109,10 @@ def finetune_bytes(config: GPTConfig, batch_size: int, context: int, n_classes: 
 
 def kv_cache_bytes(config: GPTConfig, n_slots: int, context: int | None = None,
                    dtype_bytes: int = FLOAT32_BYTES) -> int:
-    """Keys and values of a KVCache with n_slots slots of `context` positions (default: the context length)."""
+    """Keys and values of a KVCache with n_slots slots of `context` positions (default: the context length);
+    with grouped-query attention it holds the n_kv_head heads alone."""
     positions = config.context_length if context is None else context
-    return 2 * config.n_layer * n_slots * config.n_head * positions * config.head_dim * dtype_bytes
+    return 2 * config.n_layer * n_slots * config.kv_heads * positions * config.head_dim * dtype_bytes
 
 
 def serving_bytes(config: GPTConfig, n_slots: int, dtype_bytes: int = FLOAT32_BYTES, packed: bool = True) -> int:

@@ -1,7 +1,8 @@
 """One Trainer for pretraining and both finetunes.
 
-AdamW (weight decay on matrices only, fused where available), linear warmup then cosine decay to a
-minimum, gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile,
+AdamW (weight decay on matrices only, fused where available), or Muon (model.muon) for the transformer
+blocks' matrices with AdamW for the rest; linear warmup then cosine decay to a minimum (or warmup-stable-decay,
+or constant), gradient clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile,
 periodic evaluation, samples and checkpoints, callbacks, and an exact resume. Run in every process of a
 torch.distributed process group, it trains data-parallel (model.parallel): only rank 0 reports to its
 callback, samples and writes checkpoints, and rank 0's callback decides for all when to stop.
@@ -24,8 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.checkpoint import load_training_state, save_checkpoint
 from model.generate import generate
+from model.gpt import Block
 from model.lora import LoRAConfig
+from model.muon import CombinedOptimizer, Muon
 from model.parallel import agree, gather, micro_batches, rank_and_world, sum_across
+
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,13 @@ class TrainConfig:
     """How to train; the service's job requests expose these fields with these defaults."""
 
     max_steps: int = 200
-    learning_rate: float = 6e-4
-    min_learning_rate: float | None = None  # end of the cosine; learning_rate / 10 when None
+    learning_rate: float = 6e-4  # AdamW's: of every parameter, or with Muon of those Muon does not train
+    min_learning_rate: float | None = None  # end of the decay; learning_rate / 10 when None
     warmup_steps: int = 0
+    schedule: str = "cosine"  # after the warmup: "cosine", "wsd" (warmup-stable-decay) or "constant"
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps, decayed linearly to min_learning_rate
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices and AdamW for the rest
+    muon_learning_rate: float = 0.02  # Muon's peak; the schedule scales it as it scales learning_rate
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -64,8 +74,15 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        for name in ("learning_rate", "muon_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.min_learning_rate is not None and not self.min_learning_rate >= 0:
             raise ValueError(f"min_learning_rate must be >= 0, got {self.min_learning_rate!r}")
         if self.min_learning_rate is not None and self.min_learning_rate > self.learning_rate:
@@ -78,10 +95,16 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to the minimum."""
+        """Learning rate of optimizer step `step` (0-based): linear warmup, then the schedule: cosine to the
+        minimum; wsd: constant, then linear to the minimum over the last decay_fraction of the steps; constant."""
         floor = self.learning_rate / 10 if self.min_learning_rate is None else self.min_learning_rate
         if step < self.warmup_steps:
             return self.learning_rate * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.learning_rate
+        if self.schedule == "wsd":
+            left = min(1.0, max(0, self.max_steps - step) / (self.decay_fraction * self.max_steps))
+            return floor + left * (self.learning_rate - floor)
         span = max(1, self.max_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - floor)
@@ -139,21 +162,46 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, fp32 on the CPU: how the trainer runs its forwards, and anything that must give the
+    same numbers (DPO's reference log-probabilities)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only, never on biases and LayerNorms."""
+def hidden_matrices(model: nn.Module) -> list[Tensor]:
+    """The weights of the linear layers inside the transformer blocks, which Muon trains.
+
+    Not a LoRA adapter's A [rank, in] and B [out, rank]: a handful of directions each, where orthogonalizing has
+    little to even out, and B starts at zero, so Muon's full-size first steps would jolt the frozen model that
+    LoRA's small Adam steps leave intact; AdamW trains them, as LoRA's usual learning rates assume.
+    """
+    return [module.weight for block in model.modules() if isinstance(block, Block)
+            for module in block.modules() if isinstance(module, nn.Linear)]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW | CombinedOptimizer:
+    """AdamW with weight decay on matrices and embeddings only, never on biases and LayerNorms; with optimizer
+    "muon", Muon for the trainable hidden matrices and that AdamW for the rest. Frozen parameters are in neither."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    hidden = {id(p) for p in hidden_matrices(model)} if config.optimizer == "muon" else set()
+    muon = [p for p in params if id(p) in hidden]
+    rest = [p for p in params if id(p) not in hidden]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+    return CombinedOptimizer(Muon(muon, lr=config.muon_learning_rate), adamw) if muon else adamw
 
 
 class Trainer:
@@ -175,6 +223,7 @@ class Trainer:
         self.checkpoint_meta = dict(label_names=label_names, parent=parent, lora=lora, prompt_format=prompt_format,
                                     adapter_of=adapter_of)
         self.optimizer = make_optimizer(self.model, config, self.device)
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]  # the schedule scales each
         self.step = 0
         self.tokens_seen = 0
         self.metrics: dict[str, float] = {}
@@ -187,9 +236,7 @@ class Trainer:
         torch.manual_seed(seed + self.rank)  # dropout differs between ranks; rank 0 draws as one process does
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device)
 
     # -- exact resume -------------------------------------------------------------------------------
     def training_state(self) -> tuple[dict[str, Tensor], dict]:
@@ -206,10 +253,11 @@ class Trainer:
         """Continue from a checkpoint this trainer's setup wrote; the model must hold its weights (an adapter-only
         checkpoint's, as load_checkpoint(checkpoint, base=...) gives them)."""
         tensors, state = load_training_state(checkpoint)
-        saved = state["config"]
-        for name in ("grad_accum_steps", "max_steps", "learning_rate", "warmup_steps"):
-            if saved.get(name) != getattr(self.config, name):
-                raise ValueError(f"cannot resume: {name} was {saved.get(name)!r}, now "
+        saved = asdict(TrainConfig()) | state["config"]  # a run from before a field existed had its default
+        for name in ("grad_accum_steps", "max_steps", "learning_rate", "warmup_steps", "schedule", "decay_fraction",
+                     "optimizer", "muon_learning_rate"):
+            if saved[name] != getattr(self.config, name):
+                raise ValueError(f"cannot resume: {name} was {saved[name]!r}, now "
                                  f"{getattr(self.config, name)!r}")
         if state["seed"] != self.seed:
             raise ValueError(f"cannot resume: the run's seed was {state['seed']}, now {self.seed}")
@@ -219,7 +267,8 @@ class Trainer:
                 _, index, key = name.split(".", 2)
                 optimizer_state["state"].setdefault(int(index), {})[key] = value
         for group in optimizer_state["param_groups"]:
-            group["betas"] = tuple(group["betas"])
+            if "betas" in group:  # AdamW's (JSON made the tuple a list); Muon has none
+                group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict(optimizer_state)
         suffix = f".rank{self.rank}" if self.rank else ""  # a rank the saving run lacked draws from rank 0's state
         torch.set_rng_state(tensors.get(f"rng.cpu{suffix}", tensors["rng.cpu"]))
@@ -286,8 +335,8 @@ class Trainer:
 
     def _optimizer_step(self, lr: float) -> tuple[float, int]:
         config = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
+            group["lr"] = lr * (peak / config.learning_rate)  # AdamW's peak is learning_rate: a factor of exactly 1
         self.model.train()
         total_loss, tokens = 0.0, 0
         indices = micro_batches(self.step, config.grad_accum_steps, self.rank, self.world)

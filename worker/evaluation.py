@@ -28,6 +28,7 @@ from model import (
     read_classification_file,
     read_instruction_file,
 )
+from model.dpo import preference_scores
 from model.evaluation import (
     EvaluationStopped,
     classification_report,
@@ -41,6 +42,7 @@ from model.evaluation import (
     token_f1,
 )
 from model.lora import has_lora
+from model.preference_data import encode_preference, preference_prompt, read_preference_file
 from worker.judge import Judge, JudgeError
 from worker.reporting import JobReporter
 from worker.training import corpus_tokens, pool_device
@@ -206,6 +208,25 @@ def _instruct(model, tokenizer, target: Target, steps_for) -> Outcome:
     return Outcome(metrics, details, examples)
 
 
+def _preference(model, tokenizer, target: Target, steps_for) -> Outcome:
+    """How often the model finds a pair's chosen response likelier than its rejected one (its own log-probabilities,
+    no reference: numbers that compare any checkpoints, a DPO model and its base among them)."""
+    s = target.settings
+    records = read_preference_file(target.corpus_path)[: s["max_examples"]]
+    pairs = [encode_preference(r, tokenizer, s["max_length"]) for r in records]
+    steps = steps_for([len(pairs)])
+    scores = preference_scores(model, pairs, None, pad_id=tokenizer.eot_id, batch_size=s["batch_size"],
+                               progress=steps.phase(0))
+    examples = [{"position": position, "score": float(margin), "data": {
+        "prompt": preference_prompt(record)[:EXAMPLE_TEXT_CHARS], "chosen": record["chosen"][:EXAMPLE_TEXT_CHARS],
+        "rejected": record["rejected"][:EXAMPLE_TEXT_CHARS], "chosen_logprob": float(chosen),
+        "rejected_logprob": float(rejected)}}
+        for position, (record, margin, (chosen, rejected)) in enumerate(zip(
+            records, scores.margins.tolist(), scores.logprobs.tolist(), strict=True))]
+    metrics = {"preference_accuracy": scores.accuracy, "mean_margin": scores.mean_margin, "examples": len(pairs)}
+    return Outcome(metrics, {"worst_examples": _worst(examples, s["worst_examples"])}, examples)
+
+
 def _store(database: Database, evaluation_id: str, outcome: Outcome) -> None:
     # JSON has no NaN (a diverged model's loss): such a number is left out rather than stored
     outcome.metrics = {name: value for name, value in outcome.metrics.items() if math.isfinite(value)}
@@ -235,6 +256,8 @@ def evaluate(database: Database, settings: Settings, job_id: str, reporter: JobR
             outcome = _lm(model, tokenizer, target, steps_for, settings.storage.job_work_dir(job_id))
         elif target.kind == EvaluationKind.CLASSIFIER:
             outcome = _classifier(model, tokenizer, meta, target, steps_for)
+        elif target.kind == EvaluationKind.PREFERENCE:
+            outcome = _preference(model, tokenizer, target, steps_for)
         else:
             outcome = _instruct(model, tokenizer, target, steps_for)
     except EvaluationStopped:

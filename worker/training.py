@@ -3,6 +3,7 @@ Trainer, resumed from the job's latest checkpoint."""
 
 import json
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ from model import (
     weights_sha256,
 )
 from model.data import read_token_info
+from model.dpo import DPOObjective, pair_logprobs
+from model.preference_data import encode_preference, read_preference_file
+from model.trainer import autocast_for, resolve_device
 
 
 @dataclass
@@ -193,32 +197,57 @@ def _plan_classifier(job: Job, storage: DataDir, inputs: "TrainingInputs", devic
     return Plan(model, objective, train_config(spec, device), tokenizer, label_names=list(data.label_names), lora=lora)
 
 
-def _plan_instruct(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
-    spec, hp, corpora = job.spec, job.spec["hyperparameters"], inputs.corpora
-    model, tokenizer, base_meta = _base(inputs)
-    records = read_instruction_file(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
+def _records(job: Job, storage: DataDir, inputs: "TrainingInputs", read) -> tuple[list[dict], list[dict]]:
+    """(training, validation) records of an instruction or preference job: its validation corpus, or a seeded
+    share of its corpus."""
+    corpora = inputs.corpora
+    records = read(storage.corpus_file(job.corpus_id, corpora[job.corpus_id]))
     if job.validation_corpus_id:
-        val_records = read_instruction_file(storage.corpus_file(job.validation_corpus_id,
-                                                                corpora[job.validation_corpus_id]))
-    else:
-        n_val = max(1, int(len(records) * spec["validation_fraction"]))
-        if len(records) - n_val < 1:
-            raise ValueError(f"{len(records)} instruction record(s) cannot be split into training and validation")
-        order = np.random.default_rng(job.seed).permutation(len(records))
-        val_records = [records[i] for i in order[:n_val]]
-        records = [records[i] for i in order[n_val:]]
-    max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
-    objective = InstructionObjective([encode_instruction(r, tokenizer) for r in records],
-                                     [encode_instruction(r, tokenizer) for r in val_records],
-                                     batch_size=hp["batch_size"],
-                                     seed=job.seed, pad_id=tokenizer.eot_id, max_length=max_length,
-                                     mask_prompt=spec["mask_prompt"])
+        return records, read(storage.corpus_file(job.validation_corpus_id, corpora[job.validation_corpus_id]))
+    n_val = max(1, int(len(records) * job.spec["validation_fraction"]))
+    if len(records) - n_val < 1:
+        raise ValueError(f"{len(records)} record(s) cannot be split into training and validation")
+    order = np.random.default_rng(job.seed).permutation(len(records))
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+def _language_plan(job: Job, model, tokenizer, base_meta: dict, objective, device: str) -> Plan:
+    """The plan of an instruction or preference finetune: LoRA if asked, adapter-only if asked."""
+    spec = job.spec
     lora = _lora(spec)
     if lora is not None:
         apply_lora(model, lora)
     adapter_of = {"sha256": weights_sha256(base_meta)} if spec.get("adapter_only") else None
     return Plan(model, objective, train_config(spec, device), tokenizer, lora=lora, prompt_format=PROMPT_FORMAT,
                 adapter_of=adapter_of)
+
+
+def _plan_dpo(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    model, tokenizer, base_meta = _base(inputs)
+    records, val_records = _records(job, storage, inputs, read_preference_file)
+    max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
+    train, val = ([encode_preference(r, tokenizer, max_length) for r in rs] for rs in (records, val_records))
+    # the reference is the base as it is now, before LoRA or a step: scored once, then no second model is held
+    model.to(resolve_device(device))
+    autocast = partial(autocast_for, resolve_device(device))  # as the trainer evaluates: the same numbers at step 0
+    references = [pair_logprobs(model, pairs, tokenizer.eot_id, hp["batch_size"], autocast) for pairs in (train, val)]
+    objective = DPOObjective(train, val, *references, batch_size=hp["batch_size"], seed=job.seed,
+                             pad_id=tokenizer.eot_id, beta=spec["dpo_beta"])
+    return _language_plan(job, model.train(), tokenizer, base_meta, objective, device)
+
+
+def _plan_instruct(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
+    spec, hp = job.spec, job.spec["hyperparameters"]
+    model, tokenizer, base_meta = _base(inputs)
+    records, val_records = _records(job, storage, inputs, read_instruction_file)
+    max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
+    objective = InstructionObjective([encode_instruction(r, tokenizer) for r in records],
+                                     [encode_instruction(r, tokenizer) for r in val_records],
+                                     batch_size=hp["batch_size"],
+                                     seed=job.seed, pad_id=tokenizer.eot_id, max_length=max_length,
+                                     mask_prompt=spec["mask_prompt"])
+    return _language_plan(job, model, tokenizer, base_meta, objective, device)
 
 
 def plan_job(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
@@ -230,6 +259,8 @@ def plan_job(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) 
         plan = _plan_pretrain(job, storage, inputs, work, device)
     elif job.type == JobType.FINETUNE_CLASSIFIER:
         plan = _plan_classifier(job, storage, inputs, device)
+    elif job.type == JobType.FINETUNE_DPO:
+        plan = _plan_dpo(job, storage, inputs, device)
     else:
         plan = _plan_instruct(job, storage, inputs, device)
     epochs = job.spec["hyperparameters"].get("epochs")

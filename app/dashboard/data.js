@@ -6,11 +6,11 @@ import {
 } from "./lib.js";
 import { jobLink } from "./runs.js";
 
-const CORPUS_KINDS = ["text", "classification", "instruction"];
+const CORPUS_KINDS = ["text", "classification", "instruction", "preference"];
 const FORMATS = ["", "txt", "csv", "tsv", "jsonl", "json"];
 // the numbers an evaluation table shows first, by evaluation kind
 const HEADLINE = { lm: ["perplexity", "bits_per_byte"], classifier: ["accuracy", "macro_f1"],
-  instruct: ["token_f1", "exact_match", "judge_score"] };
+  instruct: ["token_f1", "exact_match", "judge_score"], preference: ["preference_accuracy", "mean_margin"] };
 
 function uploadForm() {
   const file = el("input", { type: "file", name: "file", "aria-label": "corpus file" });

@@ -2,8 +2,9 @@
 
 import { api, bytes, cannot, el, field, may, send, show } from "./lib.js";
 
-const CORPUS_KIND = { pretrain: "text", finetune_classifier: "classification", finetune_instruct: "instruction" };
-const FINETUNES = ["finetune_classifier", "finetune_instruct"];
+const CORPUS_KIND = { pretrain: "text", finetune_classifier: "classification", finetune_instruct: "instruction",
+  finetune_dpo: "preference" };
+const FINETUNES = ["finetune_classifier", "finetune_instruct", "finetune_dpo"];
 
 export async function newRunPage() {
   const [corpora, checkpoints, presets] = await Promise.all([api("/v1/corpora?limit=100"),
@@ -37,7 +38,8 @@ export async function newRunPage() {
     lora_rank: [optional("LoRA rank", { min: 1 }), FINETUNES],
     lora_alpha: [optional("LoRA alpha", { min: 0, step: 1 }), FINETUNES],
     adapter_only: [input("adapter only", { type: "checkbox", title: "checkpoints of LoRA's tensors alone, served per "
-      + "request over the base's deployment" }), ["finetune_instruct"]],
+      + "request over the base's deployment" }), ["finetune_instruct", "finetune_dpo"]],
+    dpo_beta: [optional("DPO beta", { min: 0, step: 0.05 }), ["finetune_dpo"]],
   };
   const value = (key) => form[key][0].value;
   const numbers = (pairs) => Object.fromEntries(pairs.filter(([, key]) => value(key) !== "")
@@ -60,8 +62,11 @@ export async function newRunPage() {
     if (type === "pretrain") return body;  // continued pretraining: the base's model and tokenizer
     if (type === "finetune_classifier") Object.assign(body, numbers([["trainable_blocks", "trainable_blocks"]]));
     if (type === "finetune_instruct") body.mask_prompt = form.mask_prompt[0].checked;
+    if (type === "finetune_dpo") Object.assign(body, numbers([["dpo_beta", "dpo_beta"]]));
     if (form.lora[0].checked) body.lora = numbers([["rank", "lora_rank"], ["alpha", "lora_alpha"]]);
-    if (type === "finetune_instruct" && form.lora[0].checked) body.adapter_only = form.adapter_only[0].checked;
+    if (["finetune_instruct", "finetune_dpo"].includes(type) && form.lora[0].checked) {
+      body.adapter_only = form.adapter_only[0].checked;
+    }
     return body;
   };
   const choices = () => {  // the corpora, checkpoints and options the type can use

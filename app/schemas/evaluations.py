@@ -34,7 +34,8 @@ class EvaluationCreate(Strict):
     # classifiers and instruction models
     max_examples: int | None = Field(None, ge=1, description="score only the corpus's first max_examples records")
     worst_examples: int = Field(10, ge=0, le=1000, description="how many of the worst-scored records `details` shows")
-    max_length: int | None = Field(None, ge=1, description="classifier: texts truncated to this many tokens")
+    max_length: int | None = Field(None, ge=1, description=(
+        "classifier: texts truncated to this many tokens; preference: each prompt and response to this many"))
     max_new_tokens: int = Field(128, ge=1, le=4096, description="instruct: the longest generated response")
     judge: JudgeSpec | None = None
 

@@ -6,10 +6,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.schemas.common import Strict, one_of
 from core.jobs import TRAINING, JobStatus, JobType
 from model import LoRAConfig, TrainConfig
+from model.config import MLPS, NORMS, POSITIONS
 from model.lora import LORA_TARGETS
 from model.parallel import micro_batches
+from model.trainer import OPTIMIZERS, SCHEDULES
 
 TrainingJobType = one_of(*TRAINING)
+LANGUAGE_FINETUNES = (JobType.FINETUNE_INSTRUCT, JobType.FINETUNE_DPO)  # whose model stays a language model
 JobTypeName = one_of(*JobType)  # evaluate jobs are created by POST /v1/evaluations
 JobStatusName = one_of(*JobStatus)
 TRAIN = TrainConfig()  # the library's defaults are the API's
@@ -19,7 +22,7 @@ LORA = LoRAConfig()
 class ModelSpec(Strict):
     """A preset and the fields that override it."""
 
-    preset: str = "nano"
+    preset: str = Field("nano", description="a name of GET /v1/jobs/presets: GPT-2's family, or llama-* and qwen3-*")
     n_layer: int | None = Field(None, ge=1, le=128)
     n_head: int | None = Field(None, ge=1, le=128)
     n_embd: int | None = Field(None, ge=1, le=16384)
@@ -27,6 +30,14 @@ class ModelSpec(Strict):
     dropout: float | None = Field(None, ge=0, lt=1)
     qkv_bias: bool | None = None
     tie_embeddings: bool | None = Field(None, description="false: a separate output layer, as in the book")
+    position: one_of(*POSITIONS) | None = Field(None, description="learned (GPT-2), or rope: rotary embeddings")
+    rope_theta: float | None = Field(None, gt=0, le=1e9)
+    norm: one_of(*NORMS) | None = Field(None, description="layernorm (GPT-2), or rmsnorm")
+    mlp: one_of(*MLPS) | None = Field(None, description="gelu (GPT-2), or swiglu")
+    mlp_hidden: int | None = Field(None, ge=1, le=131072, description="the MLP's hidden width; default by mlp")
+    n_kv_head: int | None = Field(None, ge=1, le=128, description="key/value heads (grouped-query attention); "
+                                                                  "default n_head")
+    qk_norm: bool | None = Field(None, description="RMSNorm on each head's queries and keys (Qwen3)")
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
@@ -72,6 +83,13 @@ class Hyperparameters(Strict):
     stride: int | None = Field(None, ge=1, description="pretraining: strided windows in epochs (the book)")
     max_length: int | None = Field(None, ge=2, description="finetuning: texts truncated to this many tokens")
     compile: bool = TRAIN.compile
+    optimizer: one_of(*OPTIMIZERS) = Field(TRAIN.optimizer, description=(
+        "adamw, or muon: Muon for the blocks' weight matrices (at muon_learning_rate), AdamW for the rest"))
+    muon_learning_rate: float = Field(TRAIN.muon_learning_rate, gt=0, le=1)
+    schedule: one_of(*SCHEDULES) = Field(TRAIN.schedule, description=(
+        "after the warmup: cosine to min_learning_rate, wsd (constant, then a linear decay over the last "
+        "decay_fraction of the steps), or constant"))
+    decay_fraction: float = Field(TRAIN.decay_fraction, gt=0, le=1)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -102,6 +120,8 @@ class JobCreate(Strict):
         "finetune_instruct with lora: checkpoints hold LoRA's tensors alone (kilobytes to megabytes, not the whole "
         "model); they load over the base checkpoint, and a deployment of the base serves them per request"))
     mask_prompt: bool = False
+    dpo_beta: float = Field(0.1, gt=0, le=100, description=(
+        "finetune_dpo: how far the tuned model may move from its base (DPO's beta: the larger, the closer it stays)"))
     keep_checkpoints: int | None = Field(None, ge=0, le=100_000, description=(
         "keep the newest N checkpoints and the best by validation loss, deleting the others as training goes (0: "
         "keep all); older ones drop their optimizer state either way. Default: the service's checkpoints_kept"))
@@ -132,9 +152,9 @@ class JobCreate(Strict):
                 what = "continued pretraining" if self.type == JobType.PRETRAIN else "a finetune"
                 raise ValueError(f"{what} keeps its base checkpoint's model and tokenizer: drop model and "
                                  f"tokenizer")
-        if self.adapter_only and (self.type != JobType.FINETUNE_INSTRUCT or self.lora is None):
+        if self.adapter_only and (self.type not in LANGUAGE_FINETUNES or self.lora is None):
             # a classifier's new head is no adapter a language model's deployment could serve
-            raise ValueError("adapter_only is for finetune_instruct jobs with lora")
+            raise ValueError(f"adapter_only is for {' and '.join(LANGUAGE_FINETUNES)} jobs with lora")
         return self
 
 

@@ -18,10 +18,11 @@ from model.evaluation import HIGHER_IS_BETTER, JUDGE_PROMPT, LOWER_IS_BETTER
 
 DEFAULT_BLOCK_SIZE = 128  # one window size for every checkpoint (each within its context), so scores compare
 MAX_COMPARED = 100
-LM, CLASSIFIER, INSTRUCT = EvaluationKind
+LM, CLASSIFIER, INSTRUCT, PREFERENCE = EvaluationKind
 # the request fields that only one kind of evaluation reads
-KINDS_OF_FIELD = {"block_size": (LM,), "stride": (LM,), "max_tokens": (LM,), "max_length": (CLASSIFIER,),
-                  "max_examples": (CLASSIFIER, INSTRUCT), "worst_examples": (CLASSIFIER, INSTRUCT),
+KINDS_OF_FIELD = {"block_size": (LM,), "stride": (LM,), "max_tokens": (LM,), "max_length": (CLASSIFIER, PREFERENCE),
+                  "max_examples": (CLASSIFIER, INSTRUCT, PREFERENCE),
+                  "worst_examples": (CLASSIFIER, INSTRUCT, PREFERENCE),
                   "max_new_tokens": (INSTRUCT,), "judge": (INSTRUCT,)}
 
 
@@ -42,6 +43,8 @@ def evaluation_kind(checkpoint: Checkpoint, corpus: Corpus) -> EvaluationKind:
             raise Invalid(f"checkpoint {checkpoint.id} was not instruction-finetuned (it has no prompt "
                           f"format): evaluate it on a text corpus", param="corpus_id")
         return INSTRUCT
+    if corpus.kind == CorpusKind.PREFERENCE:
+        return PREFERENCE
     raise Invalid(f"checkpoint {checkpoint.id} is a language model and corpus {corpus.id} is a classification "
                   f"corpus: classification corpora evaluate classifier checkpoints", param="corpus_id")
 
@@ -61,7 +64,7 @@ def _settings(request: EvaluationCreate, kind: str, context_length: int) -> dict
                 "batch_size": request.batch_size}
     common = {"max_examples": request.max_examples, "worst_examples": request.worst_examples,
               "batch_size": request.batch_size}
-    if kind == CLASSIFIER:
+    if kind in (CLASSIFIER, PREFERENCE):
         max_length = request.max_length or context_length
         if max_length > context_length:
             raise Invalid(f"max_length {max_length} exceeds the checkpoint's context length {context_length}",

@@ -11,7 +11,7 @@ from core.enums import CheckpointTask
 from core.errors import Invalid, Unavailable, no_such
 from core.queue import JobQueue
 from core.tables import Checkpoint, Corpus, Job
-from model import ConfigError, GPTConfig, LoRAConfig
+from model import PROMPT_FORMAT, ConfigError, GPTConfig, LoRAConfig
 from model.config import GPT2_VOCAB_SIZE
 from model.memory import finetune_bytes, human_bytes, num_parameters, training_bytes
 
@@ -88,6 +88,10 @@ def _continued_pretrain_cost(session: Session, request: JobCreate) -> tuple[dict
 
 def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobCost:
     checkpoint = _language_model(session, request)
+    dpo = request.type == jobs.JobType.FINETUNE_DPO
+    if dpo and checkpoint.prompt_format != PROMPT_FORMAT:
+        raise Invalid(f"checkpoint {checkpoint.id} was not instruction-finetuned: DPO tunes an instruction model's "
+                      f"answers (finetune_instruct first)", param="base_checkpoint_id")
     if request.adapter_only and checkpoint.adapter_of_id is not None:
         raise Invalid(f"checkpoint {checkpoint.id} is itself adapter-only: an adapter-only finetune starts from a "
                       f"checkpoint with all its weights (such as {checkpoint.adapter_of_id})",
@@ -103,7 +107,9 @@ def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobC
                       param="hyperparameters.max_length")
     lora = LoRAConfig(**request.lora.model_dump()) if request.lora is not None else None
     length = hp.max_length or config.context_length
-    memory = finetune_bytes(config, hp.batch_size, length, n_classes=len(corpus.label_names) if classifier else None,
+    # DPO runs each pair's chosen and rejected response in one batch: twice the rows
+    memory = finetune_bytes(config, hp.batch_size * (2 if dpo else 1), length,
+                            n_classes=len(corpus.label_names) if classifier else None,
                             trainable_blocks=request.trainable_blocks, lora=lora)
     return JobCost(num_parameters(config), memory, hp.batch_size * hp.grad_accum_steps * length,
                    "choose a smaller batch_size or max_length, or lora")

@@ -8,7 +8,8 @@ from tests.helpers import assert_error, lenient, upload_corpus
 
 NANO_CONFIG = {"vocab_size": 50257, "context_length": 128, "n_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0,
                "qkv_bias": True, "bias": True, "layer_norm_eps": 1e-5,
-               "tie_embeddings": True}
+               "tie_embeddings": True, "position": "learned", "rope_theta": 10000.0, "norm": "layernorm",
+               "mlp": "gelu", "mlp_hidden": None, "n_kv_head": None, "qk_norm": False}
 SMS = b"ham\thello there\nspam\twin a prize now\nham\tsee you soon\nspam\tfree money\n"
 INSTRUCTIONS = json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4).encode()
 
@@ -63,7 +64,8 @@ def test_submit_readme_pretrain_job(api, text_corpus, tmp_path):
     assert spec["model_config"] == NANO_CONFIG
     assert spec["model"] == {"preset": "nano", "n_layer": None, "n_head": None, "n_embd": None,
                              "context_length": None, "dropout": None, "qkv_bias": None,
-                             "tie_embeddings": None}
+                             "tie_embeddings": None, "position": None, "rope_theta": None, "norm": None,
+                             "mlp": None, "mlp_hidden": None, "n_kv_head": None, "qk_norm": None}
     assert spec["tokenizer"] == "gpt2" and spec["lora"] is None and spec["validation_fraction"] == 0.1
     hyper = spec["hyperparameters"]
     assert (hyper["max_steps"], hyper["batch_size"], hyper["learning_rate"]) == (200, 8, 0.0006)

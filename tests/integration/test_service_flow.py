@@ -303,6 +303,72 @@ def test_a_job_keeps_its_newest_checkpoints_and_its_best_and_frees_the_rest(serv
         load_checkpoint(directory)  # every kept one still loads
 
 
+def test_a_llama_model_trains_with_muon_and_serves(service, shared_data):
+    service.start_worker()
+    verdict = service.upload(shared_data / "the-verdict.txt", "text")
+    request = pretrain_request(verdict, max_steps=12, eval_interval=6, checkpoint_interval=0, optimizer="muon",
+                               schedule="wsd", learning_rate=0.003)
+    job = service.submit(**{**request, "model": {"preset": "llama-nano", "context_length": 64}})
+    config = job["spec"]["model_config"]
+    assert (config["position"], config["norm"], config["mlp"], config["n_kv_head"]) == ("rope", "rmsnorm", "swiglu", 2)
+    assert service.wait_until_done(job["id"])["status"] == "succeeded"
+    losses = [p["value"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
+                                                      params={"name": "train_loss"}).json()["data"]]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1
+    rates = [p["value"] for p in service.client.get(f"/v1/jobs/{job['id']}/metrics",
+                                                     params={"name": "learning_rate"}).json()["data"]]
+    assert rates[0] == rates[8] == 0.003 and rates[-1] < 0.003  # warmup-stable-decay: flat, then decaying
+    [checkpoint] = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    deployed = service.client.post("/v1/deployments", json={"name": "llama", "checkpoint_id": checkpoint["id"]})
+    assert deployed.status_code == 201, deployed.text
+    deadline = time.monotonic() + 30
+    while service.client.get("/v1/deployments/llama").json()["state"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    answer = service.client.post("/v1/completions", json={"model": "llama", "prompt": "I had always",
+                                                           "max_tokens": 5, "temperature": 0, "logprobs": 1})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"][0]["logprobs"]["tokens"]) == 5
+
+
+def preference_records(records: list[dict]) -> list[dict]:
+    """The book's DPO format from instruction records: chosen, the reference answer; rejected, the next record's."""
+    return [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+             "rejected": records[(i + 1) % len(records)]["output"]} for i, r in enumerate(records)]
+
+
+def test_dpo_tunes_an_instruction_model_on_preference_pairs(service, shared_data):
+    service.start_worker()
+    torch.manual_seed(0)
+    base = register_model(service.settings, GPT(TINY_LM).eval(), prompt_format="alpaca")
+    not_instructed = register_model(service.settings, GPT(TINY_LM).eval())
+    records = preference_records(json.loads((shared_data / "instruction-data.json").read_text())[:24])
+    pairs = service.upload(None, "preference", "\n".join(json.dumps(r) for r in records[:16]).encode(), "p.jsonl")
+    held_out = service.upload(None, "preference", json.dumps(records[16:]).encode(), "held-out.json")
+    assert service.client.get(f"/v1/corpora/{pairs}").json()["n_records"] == 16
+    dpo = {"type": "finetune_dpo", "corpus_id": pairs, "base_checkpoint_id": base, "lora": {"rank": 4},
+           "dpo_beta": 0.5, "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01,
+                                                "eval_interval": 2, "max_length": 48}}
+    refused = service.client.post("/v1/jobs", json={**dpo, "base_checkpoint_id": not_instructed})
+    assert refused.status_code == 422 and "instruction" in refused.json()["error"]["message"]
+    job = service.submit(**dpo)
+    assert service.wait_until_done(job["id"])["status"] == "succeeded"
+    accuracy = service.client.get(f"/v1/jobs/{job['id']}/metrics",
+                                  params={"name": "val_preference_accuracy"}).json()["data"]
+    assert [p["step"] for p in accuracy] == [2, 4] and all(0 <= p["value"] <= 1 for p in accuracy)
+    [tuned] = service.client.get("/v1/checkpoints", params={"job_id": job["id"]}).json()["data"]
+    assert tuned["prompt_format"] == "alpaca" and tuned["parent_id"] == base
+    for checkpoint in (base, tuned["id"]):
+        response = service.client.post("/v1/evaluations", json={"checkpoint_id": checkpoint, "corpus_id": held_out})
+        assert response.status_code == 201, response.text
+        assert service.wait_until_done(response.json()["job_id"])["status"] == "succeeded"
+        evaluation = service.client.get(f"/v1/evaluations/{response.json()['id']}").json()
+        assert evaluation["kind"] == "preference" and evaluation["metrics"]["examples"] == 8
+        assert 0 <= evaluation["metrics"]["preference_accuracy"] <= 1
+        worst = evaluation["details"]["worst_examples"]
+        assert worst[0]["score"] == min(w["score"] for w in worst) and worst[0]["chosen"] and worst[0]["rejected"]
+
+
 def checkpoint_dirs(settings: Settings, checkpoint_ids: list[str]) -> dict:
     database = Database(settings.sqlalchemy_url)
     with database.session() as session:

@@ -19,6 +19,9 @@ CONFIGS = [
     dict(bias=False),
     dict(qkv_bias=False, bias=False, tie_embeddings=False),
     dict(n_layer=3, n_head=2, n_embd=32, context_length=40),
+    dict(position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False, bias=False, tie_embeddings=False,
+         n_kv_head=2),  # llama-nano
+    dict(norm="rmsnorm", mlp="swiglu", mlp_hidden=100, n_kv_head=1, qk_norm=True),  # with biases and a tied head
 ]
 
 
@@ -41,6 +44,12 @@ def test_kv_cache_estimate_equals_a_real_caches_bytes(dtype):
     real = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
     assert kv_cache_bytes(config, 5, dtype_bytes=torch.finfo(dtype).bits // 8) == real
     assert kv_cache_bytes(config, 5, context=12) == 2 * 3 * 5 * 2 * 12 * 8 * 4
+
+
+def test_grouped_query_attention_caches_its_key_value_heads_alone():
+    config = GPTConfig(vocab_size=50, context_length=24, n_layer=3, n_head=4, n_embd=32, n_kv_head=1)
+    cache = GPT(config).new_cache(5)
+    assert kv_cache_bytes(config, 5) == 2 * cache.k.numel() * 4 == 2 * 3 * 5 * 1 * 24 * 8 * 4
 
 
 def test_training_and_serving_estimates_add_their_parts():

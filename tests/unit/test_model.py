@@ -239,7 +239,8 @@ def test_public_api_is_importable_from_model():
     import model
 
     for name in ("GPTConfig", "GPT", "generate", "stream_generate", "generate_batch", "load_checkpoint",
-                 "save_checkpoint", "import_hf_gpt2", "export_hf_gpt2", "Trainer", "TrainConfig",
+                 "save_checkpoint", "import_hf_gpt2", "export_hf_gpt2", "import_hf_llama", "export_hf_llama",
+                 "Trainer", "TrainConfig",
                  "GPTClassifier", "LoRAConfig", "apply_lora", "merge_lora", "gpt2_tokenizer", "train_bpe",
                  "score_tokens", "classify", "classification_report", "generate_responses", "response_loss"):
         assert name in model.__all__ and getattr(model, name) is not None, name

@@ -14,7 +14,7 @@ from model.config import PRESETS
 LIBRARY_ONLY = {TrainConfig: {"device", "beta1", "beta2"}, GPTConfig: {"vocab_size", "bias", "layer_norm_eps"},
                 LoRAConfig: set()}
 # what a request has that the library config does not: the training data's shape
-REQUEST_ONLY = {Hyperparameters: {"batch_size", "block_size", "stride", "max_length"}, ModelSpec: {"preset"},
+REQUEST_ONLY = {Hyperparameters: {"batch_size", "block_size", "stride", "max_length", "epochs"}, ModelSpec: {"preset"},
                 LoRASpec: set()}
 
 

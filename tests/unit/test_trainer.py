@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.checkpoint import load_checkpoint, read_metadata
+from model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from model.classifier import GPTClassifier, freeze_for_finetune
 from model.lora import LoRAConfig, apply_lora
 from model.objectives import ClassificationObjective, InstructionObjective, PretrainObjective
@@ -55,10 +55,33 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert TrainConfig(max_steps=10, learning_rate=1e-3).lr_at(10) == pytest.approx(1e-4)
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_linearly_over_the_last_steps():
+    config = TrainConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10, min_learning_rate=1e-4, schedule="wsd",
+                         decay_fraction=0.2)
+    assert config.lr_at(0) == pytest.approx(1e-4)
+    assert config.lr_at(9) == config.lr_at(10) == config.lr_at(50) == config.lr_at(80) == pytest.approx(1e-3)
+    assert config.lr_at(90) == pytest.approx(5.5e-4)
+    assert config.lr_at(99) == pytest.approx(1e-4 + 9e-4 / 20)
+    assert config.lr_at(100) == pytest.approx(1e-4)
+    assert TrainConfig(max_steps=10, learning_rate=1e-3, schedule="wsd").lr_at(9) == pytest.approx(5.5e-4)
+
+
+def test_a_constant_schedule_only_warms_up():
+    config = TrainConfig(max_steps=10, learning_rate=1e-3, warmup_steps=2, schedule="constant")
+    assert [config.lr_at(step) for step in (0, 1, 5, 9)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
 @pytest.mark.parametrize("bad", [dict(max_steps=0), dict(learning_rate=0), dict(grad_accum_steps=0),
                                  dict(min_learning_rate=1.0), dict(warmup_steps=-1), dict(grad_clip=0)])
 def test_invalid_train_config(bad):
     with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(optimizer="sgd"), dict(muon_learning_rate=0), dict(schedule="linear"),
+                                 dict(decay_fraction=0), dict(decay_fraction=1.5)])
+def test_an_invalid_optimizer_or_schedule_is_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
 
 
@@ -108,10 +131,11 @@ def test_pretraining_reports_progress_metrics_samples_and_checkpoints(tmp_path, 
     assert result.train_losses[-1] < result.train_losses[0]
 
 
-@pytest.mark.parametrize("stride", [None, 8])
-def test_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, verdict_tokens, stride):
+@pytest.mark.parametrize("stride, options", [(None, {}), (8, {}),
+                                             (None, dict(optimizer="muon", schedule="wsd", decay_fraction=0.5))])
+def test_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, verdict_tokens, stride, options):
     config = TrainConfig(max_steps=8, learning_rate=3e-3, warmup_steps=2, grad_accum_steps=2,
-                         checkpoint_interval=4, eval_batches=1)
+                         checkpoint_interval=4, eval_batches=1, **options)
     torch.manual_seed(0)
     initial = GPT(CONFIG).state_dict()
 
@@ -137,13 +161,31 @@ def test_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, verdict_toke
         assert torch.equal(final_resumed.state_dict()[name], tensor), name
 
 
-def test_resume_refuses_a_different_setup(tmp_path, verdict_tokens):
+@pytest.mark.parametrize("change", [dict(grad_accum_steps=2), dict(optimizer="muon"), dict(schedule="wsd")])
+def test_resume_refuses_a_different_setup(tmp_path, verdict_tokens, change):
     config = TrainConfig(max_steps=2, eval_batches=1)
     done = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), config, gpt2_tokenizer(), tmp_path).train()
-    other = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2, grad_accum_steps=2),
+    other = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2, **change),
                     gpt2_tokenizer(), tmp_path)
-    with pytest.raises(ValueError, match="grad_accum_steps"):
+    with pytest.raises(ValueError, match=f"cannot resume: {next(iter(change))}"):
         other.resume(done.checkpoint)
+
+
+def test_a_checkpoint_from_before_optimizer_and_schedule_resumes_as_adamw_with_cosine(tmp_path, verdict_tokens):
+    trainer = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2, eval_batches=1),
+                      gpt2_tokenizer(), tmp_path)
+    trainer.train()
+    tensors, state = trainer.training_state()
+    for name in ("optimizer", "muon_learning_rate", "schedule", "decay_fraction"):
+        del state["config"][name]
+    old = save_checkpoint(tmp_path / "old", trainer.model, gpt2_tokenizer(), step=2, training_state=(tensors, state))
+    resumed = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2), gpt2_tokenizer(),
+                      tmp_path)
+    resumed.resume(old)
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match="cannot resume: optimizer was 'adamw', now 'muon'"):
+        Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), TrainConfig(max_steps=2, optimizer="muon"),
+                gpt2_tokenizer(), tmp_path).resume(old)
 
 
 def test_stop_request_keeps_a_final_checkpoint(tmp_path, verdict_tokens):
