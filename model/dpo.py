@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from model.evaluation import ProgressCallback, _report
 from model.gpt import GPT
-from model.objectives import _epoch_rows
+from model.objectives import _epoch_rows, _per_epoch
 from model.preference_data import PreferencePair, response_batch
 
 
@@ -146,6 +146,10 @@ class DPOObjective:
             raise ValueError(f"beta must be positive, got {beta!r}")
         self.train, self.val, self.train_reference, self.val_reference = train, val, train_reference, val_reference
         self.batch_size, self.seed, self.pad_id, self.beta = batch_size, seed, pad_id, beta
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return _per_epoch(len(self.train), self.batch_size)
 
     def batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         rows = _epoch_rows(len(self.train), self.batch_size, self.seed, index)

@@ -53,6 +53,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     eval_interval: int = 50  # 0: evaluate only at the end (always evaluated at the end)
     eval_batches: int = 10
+    patience: int | None = None  # stop once this many evaluations in a row found no lower val_loss; None: never
     sample_interval: int = 0  # 0: never sample
     sample_prompt: str = "\n"
     sample_tokens: int = 40
@@ -71,6 +72,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}")
         for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -157,6 +160,7 @@ class Callback:
 class TrainResult:
     status: str  # "completed" or "stopped"
     step: int
+    stopped_early: bool = False  # completed before max_steps: the validation loss stopped improving (patience)
     train_losses: list[float] = field(default_factory=list)  # this run's losses, one per step
     metrics: dict[str, float] = field(default_factory=dict)  # the latest of every metric
     checkpoint: Path | None = None  # the last checkpoint written
@@ -228,6 +232,8 @@ class Trainer:
         self.tokens_seen = 0
         self.metrics: dict[str, float] = {}
         self._last_checkpoint_step = -1
+        self.best_val_loss: float | None = None
+        self.evaluations_since_best = 0
         # DDP starts every rank from rank 0's weights and averages the gradients
         self.parallel = None if self.world == 1 else DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -247,6 +253,7 @@ class Trainer:
             tensors[name] = rng
         return tensors, {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed,
                          "metrics": self.metrics, "param_groups": state["param_groups"],
+                         "best_val_loss": self.best_val_loss, "evaluations_since_best": self.evaluations_since_best,
                          "config": asdict(self.config)}
 
     def resume(self, checkpoint: str | Path) -> None:
@@ -275,6 +282,8 @@ class Trainer:
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors.get(f"rng.cuda{suffix}", tensors["rng.cuda"]), self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss = state.get("best_val_loss")
+        self.evaluations_since_best = state.get("evaluations_since_best", 0)
         self.metrics = dict(state["metrics"])
 
     def _rng_states(self) -> dict[str, Tensor]:
@@ -313,6 +322,8 @@ class Trainer:
             finished = self.step == config.max_steps
             if finished or self._due(config.eval_interval):
                 self._evaluate()
+                if self._out_of_patience() and not finished:
+                    finished = result.stopped_early = True
             if self._due(config.sample_interval) and self.objective.kind == "lm" and self.rank == 0:
                 self.callback.on_sample(self.step, self.sample())
             if finished or self._due(config.checkpoint_interval):
@@ -320,11 +331,25 @@ class Trainer:
             self.callback.on_progress(TrainProgress(
                 self.step, config.max_steps, self.tokens_seen, tokens / seconds_per_step,
                 seconds_per_step * (config.max_steps - self.step), loss, lr, self.metrics.get("val_loss")))
+            if result.stopped_early:
+                break
         if result.status == "stopped" and self.step > 0 and self._last_checkpoint_step != self.step:
             result.checkpoint = self._checkpoint() or result.checkpoint
         result.step = self.step
         result.metrics = dict(self.metrics)
         return result
+
+    def _out_of_patience(self) -> bool:
+        """Count the evaluations since the lowest validation loss; whether patience has run out."""
+        val_loss = self.metrics.get("val_loss")
+        if val_loss is None:  # an objective without a validation loss never runs out
+            return False
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.evaluations_since_best = val_loss, 0
+        else:
+            self.evaluations_since_best += 1
+        out = self.config.patience is not None and self.evaluations_since_best >= self.config.patience
+        return agree(out, self.device) if self.world > 1 else out
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0

@@ -130,6 +130,8 @@ def _train_rank(settings: Settings, job_id: str, owner: str, rank: int, device: 
             reporter.should_stop = stop_also_on(shutdown, reporter)
         result = train_job(settings.storage, job, inputs, reporter or Callback(), device)
         if reporter is not None:
+            if result.stopped_early:
+                reporter.stopped_early(result.step, job.spec["hyperparameters"]["patience"])
             reporter.flush()
         return {"metrics": result.metrics if result.status == "completed" else None, "step": result.step,
                 "stop_reason": reporter.stop_reason if reporter else None}

@@ -145,6 +145,10 @@ class JobReporter(Callback):
                     checkpoints.refresh_size(self.storage, older)
             session.commit()
 
+    def stopped_early(self, step: int, patience: int) -> None:
+        self.event("early_stop", f"stopped early at step {step}: {patience} evaluations in a row found no lower "
+                                 f"val_loss", {"step": step, "patience": patience})
+
     def should_stop(self) -> bool:
         if self._due():
             self.flush()

@@ -122,6 +122,8 @@ def _train(database: Database, settings: Settings, job: Job, reporter: JobReport
                        {"checkpoint_id": inputs.resume_id, "step": inputs.resume_step})
     if len(devices) == 1:
         result = train_job(settings.storage, job, inputs, reporter, devices[0])
+        if result.stopped_early:
+            reporter.stopped_early(result.step, job.spec["hyperparameters"]["patience"])
         reporter.flush()
         return (result.metrics if result.status == "completed" else None), result.step
     prepare_data(job, settings.storage, inputs)  # once, before the ranks read it

@@ -75,6 +75,9 @@ class Hyperparameters(Strict):
     grad_accum_steps: int = Field(TRAIN.grad_accum_steps, ge=1, le=1024)
     eval_interval: int = Field(TRAIN.eval_interval, ge=0, description="0: evaluate only at the end")
     eval_batches: int = Field(TRAIN.eval_batches, ge=1, le=10_000)
+    patience: int | None = Field(TRAIN.patience, ge=1, le=100_000, description=(
+        "stop early once this many evaluations in a row found no lower val_loss (the job succeeds; its best "
+        "checkpoint is kept: keep_checkpoints); default: never"))
     checkpoint_interval: int = Field(TRAIN.checkpoint_interval, ge=0, description="0: checkpoint only at the end")
     sample_interval: int = Field(TRAIN.sample_interval, ge=0)
     sample_prompt: str = Field(TRAIN.sample_prompt, max_length=2000)

@@ -254,3 +254,25 @@ def test_instruction_finetuning_lowers_the_validation_loss(tmp_path):
 def test_pretrain_task_rejects_too_little_data():
     with pytest.raises(ValueError, match="validation split has 5 tokens"):
         PretrainObjective(np.arange(100), np.arange(5), block_size=16, batch_size=2)
+
+
+def test_patience_stops_once_the_validation_loss_stops_improving(tmp_path, verdict_tokens):
+    # a learning rate that overshoots, evaluated every step: the validation loss soon stops falling
+    config = TrainConfig(max_steps=40, learning_rate=0.05, eval_interval=1, eval_batches=1, checkpoint_interval=0,
+                         patience=2)
+    torch.manual_seed(0)
+    recorder = Recorder()
+    result = Trainer(GPT(CONFIG), pretrain_task(verdict_tokens), config, gpt2_tokenizer(), tmp_path, recorder,
+                     seed=1).train()
+    val = [metrics["val_loss"] for _, metrics in recorder.metrics if "val_loss" in metrics]
+    best, since, expected = math.inf, 0, None
+    for step, loss in enumerate(val, start=1):
+        best, since = (loss, 0) if loss < best else (best, since + 1)
+        if since == 2:
+            expected = step
+            break
+    assert expected is not None and expected < 40, val
+    assert result.status == "completed" and result.stopped_early and result.step == expected
+    assert [step for step, _ in recorder.checkpoints] == [expected]  # the run's end is checkpointed
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(patience=0)
