@@ -29,8 +29,10 @@ from core.storage import DataDir
 from core.tables import Checkpoint
 from model import (
     export_hf_gpt2,
+    export_hf_llama,
     gpt2_tokenizer,
     import_hf_gpt2,
+    import_hf_llama,
     load_checkpoint,
     merge_lora,
     read_metadata,
@@ -38,6 +40,7 @@ from model import (
 )
 from model.checkpoint import CheckpointError
 from model.config import GPT2_VOCAB_SIZE
+from model.hf_llama import ARCHITECTURES
 from model.json_text import parse_json
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[ReadOrTrain])
@@ -83,9 +86,11 @@ def _export_hf(source: Path, base: Path | None, target: Path) -> None:
     except CheckpointError as e:
         raise Gone(f"the files of the checkpoint cannot be read: {e}") from None
     try:
-        export_hf_gpt2(merge_lora(model), target, tokenizer)
+        model = merge_lora(model)
+        exporter = export_hf_llama if model.config.position == "rope" else export_hf_gpt2  # the Llama family, or GPT-2
+        exporter(model, target, tokenizer)
     except ValueError as e:
-        raise Invalid(f"the checkpoint cannot be exported as a Hugging Face GPT-2 model: {e}",
+        raise Invalid(f"the checkpoint cannot be exported as a Hugging Face model: {e}",
                       param="checkpoint_id") from None
 
 
@@ -137,7 +142,7 @@ def _import(staging: Path):
     def refuse(part: str, problem) -> Invalid:
         file = "config.json" if part == "config" else "model.safetensors"
         problem = str(problem).replace(str(staging), "<upload>")
-        return Invalid(f"not an importable GPT-2 checkpoint: {file}: {problem}", param=part)
+        return Invalid(f"not an importable GPT-2, Llama or Qwen3 checkpoint: {file}: {problem}", param=part)
 
     try:
         with safe_open(staging / "model.safetensors", framework="pt"):
@@ -151,7 +156,7 @@ def _import(staging: Path):
     if not isinstance(config, dict):
         raise refuse("config", f"must be a JSON object, not {type(config).__name__}")
     try:
-        return import_hf_gpt2(staging)
+        return import_hf_llama(staging) if config.get("model_type") in ARCHITECTURES else import_hf_gpt2(staging)
     except (ValueError, TypeError, KeyError) as e:
         about_tensors = any(word in str(e) for word in ("shape", "missing key", "unexpected key", "tensor"))
         raise refuse("weights" if about_tensors else "config", e) from None
@@ -160,7 +165,8 @@ def _import(staging: Path):
 @router.post("/import", status_code=201, response_model=CheckpointOut)
 async def import_checkpoint(request: Request, database: DatabaseDep, settings: SettingsDep) -> CheckpointOut:
     """multipart/form-data with `weights` (model.safetensors) and `config` (config.json) of a Hugging Face
-    GPT-2 model, as published; it becomes an `lm` checkpoint with GPT-2's tokenizer."""
+    GPT-2, Llama or Qwen3 model on GPT-2's vocabulary, as published; it becomes an `lm` checkpoint with GPT-2's
+    tokenizer."""
     storage = settings.storage
     staging = storage.staging_path(storage.checkpoints)
     staging.mkdir()

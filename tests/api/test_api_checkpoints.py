@@ -192,12 +192,13 @@ IMPORT_ERRORS = [  # (id, function of (weights, config, small-vocab weights, sma
     ("no_config_part", lambda w, c, sw, sc: {"weights": ("model.safetensors", w)}, ("'config'",)),
     ("no_weights_part", lambda w, c, sw, sc: {"config": ("config.json", json.dumps(c).encode())}, ("'weights'",)),
     ("garbage_weights", lambda w, c, sw, sc: parts(b"\x00garbage" * 100, c),
-     ("not an importable GPT-2 checkpoint", "safetensors")),
+     ("not an importable GPT-2, Llama or Qwen3 checkpoint", "safetensors")),
     ("truncated_weights", lambda w, c, sw, sc: parts(w[:100_000], c), ("safetensors",)),
-    ("llama_config", lambda w, c, sw, sc: parts(w, {**c, "model_type": "llama"}),
-     ("model_type is 'llama'", "only GPT-2")),
+    ("llama_config_of_gpt2_weights", lambda w, c, sw, sc: parts(w, {**c, "model_type": "llama"}),
+     ("hidden_size",)),  # read as a Llama, whose config names differ
+    ("mistral_config", lambda w, c, sw, sc: parts(w, {**c, "model_type": "mistral"}), ("'mistral'",)),
     ("vocabulary_of_1000", lambda w, c, sw, sc: parts(sw, sc), ("1000 tokens", "50257")),
-    ("config_not_json", lambda w, c, sw, sc: parts(w, b"{oops"), ("not an importable GPT-2 checkpoint",)),
+    ("config_not_json", lambda w, c, sw, sc: parts(w, b"{oops"), ("not an importable",)),
     ("config_without_n_head", lambda w, c, sw, sc: parts(w, without(c, "n_head")), ("n_head",)),
     ("relu_activation", lambda w, c, sw, sc: parts(w, {**c, "activation_function": "relu"}),
      ("activation_function",)),
@@ -248,7 +249,8 @@ def test_malformed_config_values_are_422(client, tiny_hf, change):
 
 def test_config_errors_name_the_config_part(client, tiny_hf):
     _, weights, config = tiny_hf
-    assert_error(import_checkpoint(client, weights, {**config, "model_type": "llama"}), 422, "llama", param="config")
+    assert_error(import_checkpoint(client, weights, {**config, "model_type": "mistral"}), 422, "mistral",
+                 param="config")
 
 
 def test_import_errors_do_not_show_server_paths(client, tiny_hf):

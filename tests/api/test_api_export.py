@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from model import GPT, GPTClassifier, gpt2_tokenizer
+from model import GPT, GPTClassifier, GPTConfig, gpt2_tokenizer
 from tests.helpers import TINY_LM, add_checkpoint, assert_error
 
 transformers = pytest.importorskip("transformers")
@@ -76,7 +76,7 @@ def test_export_loads_in_transformers_with_our_logits_and_token_ids(api, tmp_pat
 ], ids=["classifier", "no_biases"])
 def test_what_gpt2_cannot_express_is_422_naming_why(api, model, label_names, reason):
     checkpoint = add_checkpoint(api, model(), label_names=label_names)
-    assert_error(api.get(export_url(checkpoint)), 422, "cannot be exported as a Hugging Face GPT-2 model", reason,
+    assert_error(api.get(export_url(checkpoint)), 422, "cannot be exported as a Hugging Face model", reason,
                  param="checkpoint_id")
     assert list(staging(api).iterdir()) == []
 
@@ -116,3 +116,28 @@ def test_an_export_the_client_abandons_leaves_no_file_and_no_descriptor(api, liv
     while list(staging(api).iterdir()) or open_in(storage):
         assert time.monotonic() < deadline, (list(staging(api).iterdir()), open_in(storage))
         time.sleep(0.05)
+
+
+def test_a_llama_checkpoint_exports_to_transformers_and_imports_back(api, tmp_path):
+    torch.manual_seed(0)
+    # tied and 8 wide: the weights (1.6 MB) fit the test service's upload limit, to be imported back
+    ours = GPT(GPTConfig.preset("qwen3-nano", context_length=64, n_embd=8, n_head=2, n_kv_head=1,
+                                tie_embeddings=True)).eval()
+    checkpoint = add_checkpoint(api, ours)
+    response = api.get(export_url(checkpoint))
+    assert response.status_code == 200, response.text
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    exported = tmp_path / f"{checkpoint}-hf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+    imported = api.post("/v1/checkpoints/import", files={
+        "weights": ("model.safetensors", (exported / "model.safetensors").read_bytes()),
+        "config": ("config.json", (exported / "config.json").read_bytes())})
+    assert imported.status_code == 201, imported.text
+    architecture = imported.json()["architecture"]
+    assert (architecture["position"], architecture["qk_norm"], architecture["n_kv_head"]) == ("rope", True, 1)
