@@ -434,7 +434,9 @@ def checkpoint_paths(settings: Settings, job_id: str) -> set[str]:
 def test_a_job_resumes_after_its_worker_is_killed_twice_and_records_everything_once(service, shared_data):
     worker = service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict, max_steps=24, checkpoint_interval=5, eval_interval=0))
+    # every checkpoint kept (keep_checkpoints 0), to see each recorded once
+    job = service.submit(**pretrain_request(verdict, max_steps=24, checkpoint_interval=5, eval_interval=0),
+                         keep_checkpoints=0)
 
     def kill_on(worker: subprocess.Popen, attempt: int, step: int) -> subprocess.Popen:
         service.wait_for(job["id"], lambda j: j["attempts"] == attempt and j["progress"]["step"] >= step)
