@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.evaluation import ProgressCallback, _report
+from model.evaluation import ProgressCallback, report_progress
 from model.gpt import GPT
-from model.objectives import _epoch_rows, _per_epoch
+from model.objectives import epoch_batches, epoch_rows
 from model.preference_data import PreferencePair, response_batch
 
 
@@ -88,7 +88,7 @@ def pair_logprobs(model: nn.Module, pairs: list[PreferencePair], pad_id: int, ba
         inputs, targets = (t.to(device) for t in pair_batch(pairs[i: i + batch_size], pad_id))
         with autocast():
             out.append(_by_pair(sequence_logprobs(model, inputs, targets)).cpu())
-        _report(progress, min(i + batch_size, len(pairs)), len(pairs))
+        report_progress(progress, min(i + batch_size, len(pairs)), len(pairs))
     return torch.cat(out)
 
 
@@ -149,10 +149,10 @@ class DPOObjective:
 
     @property
     def batches_per_epoch(self) -> int:
-        return _per_epoch(len(self.train), self.batch_size)
+        return epoch_batches(len(self.train), self.batch_size)
 
     def batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        rows = _epoch_rows(len(self.train), self.batch_size, self.seed, index)
+        rows = epoch_rows(len(self.train), self.batch_size, self.seed, index)
         inputs, targets = pair_batch([self.train[i] for i in rows], self.pad_id)
         return inputs, targets, self.train_reference[torch.from_numpy(rows)]
 

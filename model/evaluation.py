@@ -36,7 +36,7 @@ class EvaluationStopped(Exception):
     """The progress callback asked to stop."""
 
 
-def _report(progress: ProgressCallback, done: int, total: int) -> None:
+def report_progress(progress: ProgressCallback, done: int, total: int) -> None:
     if progress is not None and progress(done, total):
         raise EvaluationStopped(f"stopped after {done} of {total}")
 
@@ -139,7 +139,7 @@ def score_tokens(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, block
         scored = torch.arange(length, device=device)[None, :] >= torch.tensor([s for _, s in batch],
                                                                               device=device)[:, None]
         loss_sum += _summed_loss(model, model.hidden_states(x)[scored], y[scored])  # logits only where they count
-        _report(progress, min(i + batch_size, len(windows)), len(windows))
+        report_progress(progress, min(i + batch_size, len(windows)), len(windows))
     scored_tokens = tokens[1:]
     return LMScore(loss_sum, len(scored_tokens), int(byte_lengths[scored_tokens].sum()), model.config.vocab_size)
 
@@ -158,7 +158,7 @@ def classify(model: GPTClassifier, ids: torch.Tensor, lengths: torch.Tensor, bat
         batch_lengths = lengths[rows]
         batch = ids[rows, : int(batch_lengths.max())]  # padding past the longest text is wasted work
         out.append(model(batch.to(device), batch_lengths.to(device))[0].float().softmax(-1).cpu())
-        _report(progress, min(i + batch_size, len(ids)), len(ids))
+        report_progress(progress, min(i + batch_size, len(ids)), len(ids))
     return torch.cat(out)
 
 
@@ -210,7 +210,7 @@ def response_loss(model: GPT, encoded: list[tuple[list[int], int]], pad_id: int,
         response = y != -100
         total += _summed_loss(model, model.hidden_states(x.to(device))[response], y[response])
         count += int(response.sum())
-        _report(progress, min(i + batch_size, len(encoded)), len(encoded))
+        report_progress(progress, min(i + batch_size, len(encoded)), len(encoded))
     if count == 0:
         raise ValueError("no response token fits in the context: nothing to score")
     return total / count, count
@@ -233,7 +233,7 @@ def generate_responses(model: GPT, tokenizer: Tokenizer, records: list[dict], ma
             if ids and ids[-1] == tokenizer.eot_id:
                 ids = ids[:-1]
             answers.append(tokenizer.decode(ids).split(NEXT_SECTION)[0].strip())
-        _report(progress, min(i + batch_size, len(prompts)), len(prompts))
+        report_progress(progress, min(i + batch_size, len(prompts)), len(prompts))
     return answers
 
 

@@ -62,14 +62,28 @@ def _listing(names) -> str:
     return shown if len(names) <= 6 else f"{shown} and {len(names) - 6} more"
 
 
-def _read_safetensors(file: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(file)
-    except SafetensorError as e:
-        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+def check_keys(expected, present) -> None:
+    """ValueError naming the tensors of expected that present lacks, then those present has beyond them."""
+    if missing := set(expected) - set(present):
+        raise ValueError(f"missing key(s): {_listing(missing)}")
+    if unexpected := set(present) - set(expected):
+        raise ValueError(f"unexpected key(s): {_listing(unexpected)}")
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def read_tensors(files: list[Path]) -> dict[str, Tensor]:
+    """Every tensor of the safetensors files (a checkpoint's shards); ValueError for a file that is not one."""
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+    return state
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint directory's weight files (model.safetensors, or the shards its index names); ValueError
+    for a directory holding only pickles."""
     if (path / WEIGHTS).is_file():
         return [path / WEIGHTS]
     if (path / WEIGHTS_INDEX).is_file():
@@ -176,12 +190,7 @@ def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 def _check_tensors(config: GPTConfig, headers: dict[str, TensorHeader]) -> None:
     """Every tensor the config needs is there, with its shape and a floating-point dtype, and no other."""
     expected = hf_shapes(config)
-    missing = expected.keys() - headers.keys()
-    if missing:
-        raise ValueError(f"missing key(s): {_listing(missing)}")
-    unexpected = headers.keys() - expected.keys()
-    if unexpected:
-        raise ValueError(f"unexpected key(s): {_listing(unexpected)}")
+    check_keys(expected, headers)
     for name, shape in expected.items():
         header = headers[name]
         if header.shape != shape:
@@ -202,7 +211,7 @@ def _open(path_or_state_dict) -> tuple[dict[str, Tensor], dict, list[Path], dict
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint directory")
     hf_config = parse_json((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     return {}, hf_config, files, _read_headers(files)
 
 
@@ -226,9 +235,7 @@ def import_hf_gpt2(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     _check_tensors(replace(gpt_config, tie_embeddings=tied is not False and "lm_head.weight" not in headers),
                    headers)
 
-    for file in files:
-        state.update(_read_safetensors(file))
-    state = _hf_state(state)
+    state = _hf_state({**state, **read_tensors(files)})
     # As in transformers, tie_word_embeddings (default true) decides and a tied head's stored copy is
     # ignored. A bare state dict has no config: a head that differs from wte.weight is an untied head.
     lm_head = state.get("lm_head.weight")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.hf_gpt2 import CONFIG, _listing, _read_safetensors, _safetensors_files, write_hf_checkpoint
+from model.hf_gpt2 import CONFIG, check_keys, read_tensors, safetensors_files, write_hf_checkpoint
 from model.json_text import parse_json
 from model.lora import has_lora
 from model.tokenizer import Tokenizer
@@ -92,14 +92,9 @@ def _stacked(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     misshapen tensor."""
     mapping = tensor_map(config)
     wanted = {name for parts in mapping.values() for name, _ in parts}
-    missing = wanted - state.keys()
-    if missing:
-        raise ValueError(f"missing key(s): {_listing(missing)}")
-    # a tied head may be stored as a copy of the embedding
+    # a tied head may be stored as a copy of the embedding; rotary buffers hold no weights
     ignored = {"lm_head.weight"} if config.tie_embeddings else set()
-    unexpected = {k for k in state.keys() - wanted - ignored if not k.endswith(ROTARY_BUFFER)}
-    if unexpected:
-        raise ValueError(f"unexpected key(s): {_listing(unexpected)}")
+    check_keys(wanted, {k for k in state.keys() - ignored if not k.endswith(ROTARY_BUFFER)})
     with torch.device("meta"):
         shapes = {name: tensor.shape for name, tensor in GPT(config).state_dict().items()}
     ours = {}
@@ -119,9 +114,7 @@ def import_hf_llama(directory: str | os.PathLike) -> GPT:
     if not (path / CONFIG).is_file():
         raise ValueError(f"{path} is not a checkpoint directory with a {CONFIG}")
     config = _gpt_config(parse_json((path / CONFIG).read_text()))
-    state = {}
-    for file in _safetensors_files(path):
-        state.update(_read_safetensors(file))
+    state = read_tensors(safetensors_files(path))
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(_stacked(state, config), assign=True)

@@ -81,26 +81,37 @@ def _parser_problem(error: Exception) -> str:
     return str(message).split("\n", 1)[0].strip()
 
 
-def iter_instruction_file(path: str | Path) -> Iterator[dict]:
-    """The Alpaca records {instruction, input, output} of a JSON list or a JSONL file (told apart by the
-    first character: "[" opens a list), read one record at a time. "input" may be missing and defaults to
-    ""; other fields are kept. Problems raise DataFormatError naming the record (JSON list) or the line
-    (JSONL)."""
+def checked_records(path: str | Path, check) -> Iterator[dict]:
+    """check(path, value, number, where) of each value of a JSON list or a JSONL file (told apart by the first
+    character: "[" opens a list), read one value at a time; where is "record" (JSON list) or "line" (JSONL),
+    for the DataFormatError check raises."""
     path = Path(path)
     if _first_byte(path) == b"[":
         values, where = _json_list_values(path), "record"
     else:
         values, where = jsonl_values(path, utf8_lines(path)), "line"
     for number, record in values:
-        yield _check_record(path, record, number, where)
+        yield check(path, record, number, where)
+
+
+def all_records(records: Iterator[dict], path: str | Path) -> list[dict]:
+    """The records, read whole; DataFormatError when there are none."""
+    records = list(records)
+    if not records:
+        raise DataFormatError(path, "no records")
+    return records
+
+
+def iter_instruction_file(path: str | Path) -> Iterator[dict]:
+    """The Alpaca records {instruction, input, output} of a JSON list or a JSONL file, read one record at a
+    time. "input" may be missing and defaults to ""; other fields are kept. Problems raise DataFormatError
+    naming the record (JSON list) or the line (JSONL)."""
+    return checked_records(path, _check_record)
 
 
 def read_instruction_file(path: str | Path) -> list[dict]:
     """All of iter_instruction_file's records; DataFormatError when there are none."""
-    records = list(iter_instruction_file(path))
-    if not records:
-        raise DataFormatError(path, "no records")
-    return records
+    return all_records(iter_instruction_file(path), path)
 
 
 def format_prompt(record: dict) -> str:

@@ -20,14 +20,14 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-def _per_epoch(n_rows: int, batch_size: int) -> int:
+def epoch_batches(n_rows: int, batch_size: int) -> int:
     """Batches in an epoch of n_rows: the last rows short of a batch wait for the next epoch's order."""
     return max(1, n_rows // batch_size)
 
 
-def _epoch_rows(n_rows: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+def epoch_rows(n_rows: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     """Rows of batch `index` when every epoch visits all rows once in a seeded random order."""
-    epoch, position = divmod(index, _per_epoch(n_rows, batch_size))
+    epoch, position = divmod(index, epoch_batches(n_rows, batch_size))
     order = epoch_order(n_rows, epoch, seed)
     return order[position * batch_size: (position + 1) * batch_size]
 
@@ -50,13 +50,13 @@ class PretrainObjective:
     def batches_per_epoch(self) -> int:
         """Strided windows: batches that visit each once; random windows: batches of as many tokens as the split."""
         if self.stride is None:
-            return _per_epoch(len(self.train), self.batch_size * self.block_size)
-        return _per_epoch(n_windows(len(self.train), self.block_size, self.stride), self.batch_size)
+            return epoch_batches(len(self.train), self.batch_size * self.block_size)
+        return epoch_batches(n_windows(len(self.train), self.block_size, self.stride), self.batch_size)
 
     def batch(self, index: int) -> tuple[Tensor, Tensor]:
         if self.stride is None:
             return random_batch(self.train, self.batch_size, self.block_size, _generator(self.seed, index))
-        rows = _epoch_rows(n_windows(len(self.train), self.block_size, self.stride), self.batch_size,
+        rows = epoch_rows(n_windows(len(self.train), self.block_size, self.stride), self.batch_size,
                            self.seed, index)
         return windows_at(self.train, rows * self.stride, self.block_size)
 
@@ -97,14 +97,14 @@ class ClassificationObjective:
 
     @property
     def batches_per_epoch(self) -> int:
-        return _per_epoch(len(self.train[0]), self.batch_size)
+        return epoch_batches(len(self.train[0]), self.batch_size)
 
     @staticmethod
     def _trimmed(ids: Tensor, lengths: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return ids[:, : int(lengths.max())], lengths, labels  # padding past the longest text is wasted work
 
     def batch(self, index: int):
-        rows = torch.from_numpy(_epoch_rows(len(self.train[0]), self.batch_size, self.seed, index))
+        rows = torch.from_numpy(epoch_rows(len(self.train[0]), self.batch_size, self.seed, index))
         return self._trimmed(*(t[rows] for t in self.train))
 
     def loss(self, model: nn.Module, batch) -> Tensor:
@@ -142,10 +142,10 @@ class InstructionObjective:
 
     @property
     def batches_per_epoch(self) -> int:
-        return _per_epoch(len(self.train), self.batch_size)
+        return epoch_batches(len(self.train), self.batch_size)
 
     def batch(self, index: int):
-        rows = _epoch_rows(len(self.train), self.batch_size, self.seed, index)
+        rows = epoch_rows(len(self.train), self.batch_size, self.seed, index)
         return instruction_collate([self.train[i] for i in rows], **self.collate)
 
     def loss(self, model: nn.Module, batch) -> Tensor:

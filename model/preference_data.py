@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from model.classification_data import DataFormatError, jsonl_values, utf8_lines
-from model.instruction_data import _first_byte, _json_list_values, format_prompt, format_response
+from model.classification_data import DataFormatError
+from model.instruction_data import all_records, checked_records, format_prompt, format_response
 from model.tokenizer import Tokenizer
 
 RESPONSES = ("chosen", "rejected")
@@ -66,21 +66,12 @@ def _check_record(path: Path, record, number: int, where: str) -> dict:
 def iter_preference_file(path: str | Path) -> Iterator[dict]:
     """The checked records of a JSON list or JSONL file, one at a time (an upload check counts them);
     problems raise DataFormatError naming the record (JSON list) or line (JSONL) and the field."""
-    path = Path(path)
-    if _first_byte(path) == b"[":
-        values, where = _json_list_values(path), "record"
-    else:
-        values, where = jsonl_values(path, utf8_lines(path)), "line"
-    for number, record in values:
-        yield _check_record(path, record, number, where)
+    return checked_records(path, _check_record)
 
 
 def read_preference_file(path: str | Path) -> list[dict]:
     """All of iter_preference_file's records; DataFormatError when there are none."""
-    records = list(iter_preference_file(path))
-    if not records:
-        raise DataFormatError(path, "no records")
-    return records
+    return all_records(iter_preference_file(path), path)
 
 
 def preference_prompt(record: dict) -> str:

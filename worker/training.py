@@ -229,8 +229,9 @@ def _plan_dpo(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str)
     max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
     train, val = ([encode_preference(r, tokenizer, max_length) for r in rs] for rs in (records, val_records))
     # the reference is the base as it is now, before LoRA or a step: scored once, then no second model is held
-    model.to(resolve_device(device))
-    autocast = partial(autocast_for, resolve_device(device))  # as the trainer evaluates: the same numbers at step 0
+    placed = resolve_device(device)
+    model.to(placed)
+    autocast = partial(autocast_for, placed)  # as the trainer evaluates: the same numbers at step 0
     references = [pair_logprobs(model, pairs, tokenizer.eot_id, hp["batch_size"], autocast) for pairs in (train, val)]
     objective = DPOObjective(train, val, *references, batch_size=hp["batch_size"], seed=job.seed,
                              pad_id=tokenizer.eot_id, beta=spec["dpo_beta"])

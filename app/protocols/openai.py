@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from app.errors import APIError
 from app.protocols.failures import failure_of, first_problem
 from app.protocols.unsupported import ANY, refused_field
+from app.schemas.common import StopString
 from core.enums import CheckpointTask
 from model import NEXT_SECTION, PROMPT_FORMAT, SamplingParams, StreamEvent, format_chat
 from model.json_text import parse_json
 from serving.client import (
-    MAX_STOP_CHARS,
     Asked,
     EngineClient,
     Generation,
@@ -69,7 +69,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 
 

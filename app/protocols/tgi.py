@@ -2,7 +2,7 @@
 and answers, and its errors `{error, error_type}` (422 for a request it refuses)."""
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from app.errors import RETRY_AFTER_S
 from app.protocols.failures import failure_of, first_problem
 from app.protocols.unsupported import refused_field
+from app.schemas.common import StopString
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.json_text import parse_json
-from serving.client import MAX_STOP_CHARS, Asked, EngineClient, Generation, Model, PromptTooLong, pick_seed
+from serving.client import Asked, EngineClient, Generation, Model, PromptTooLong, pick_seed
 from serving.grammar import json_schema_source
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -72,8 +73,7 @@ class Parameters(BaseModel):
     top_p: float | None = Field(None, gt=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's, additive")
-    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list,
-                                                                         max_length=MAX_STOP_SEQUENCES)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, lt=2**63)
     details: bool = False
     decoder_input_details: bool = Field(False, description="the prompt's tokens and logprobs in details.prefill")

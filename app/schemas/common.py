@@ -1,9 +1,12 @@
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.client import MAX_STOP_CHARS
 
 T = TypeVar("T")
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]  # a stop string, in either protocol
 
 
 def one_of(*values: str | StrEnum) -> Any:

@@ -45,24 +45,6 @@ class JobCost:
     steps: int = 0  # max_steps, or what its epochs come to (estimated: see _planned_steps)
 
 
-def _pretrain_cost(request: JobCreate) -> tuple[dict, JobCost]:
-    tokenizer = request.tokenizer
-    vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
-    try:
-        config = GPTConfig.preset(request.model.preset, vocab_size=vocab_size, **request.model.overrides())
-    except ConfigError as e:
-        raise Invalid(str(e), param="model") from None
-    block_size = request.hyperparameters.block_size
-    if block_size is not None and block_size > config.context_length:
-        raise Invalid(f"block_size {block_size} exceeds the model's context length {config.context_length}",
-                      param="hyperparameters.block_size")
-    hp = request.hyperparameters
-    window = block_size or config.context_length
-    return config.to_dict(), JobCost(num_parameters(config), training_bytes(config, hp.batch_size, window),
-                                     hp.batch_size * hp.grad_accum_steps * window,
-                                     "choose a smaller model, batch_size or block_size")
-
-
 def _language_model(session: Session, request: JobCreate) -> Checkpoint:
     """The base checkpoint the request names: a language model's."""
     checkpoint = named_row(session, Checkpoint, request.base_checkpoint_id, "checkpoint", "base_checkpoint_id")
@@ -72,18 +54,26 @@ def _language_model(session: Session, request: JobCreate) -> Checkpoint:
     return checkpoint
 
 
-def _continued_pretrain_cost(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
-    """Pretraining a base checkpoint's model further: its config, and the cost of a new run of it."""
-    checkpoint = _language_model(session, request)
-    config = GPTConfig.from_dict(checkpoint.model_config)
+def _pretrain_cost(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
+    """The config of the model a pretraining job trains (a new one of the preset, or its base checkpoint's, to
+    pretrain further), and its cost."""
+    if request.base_checkpoint_id is not None:
+        config = GPTConfig.from_dict(_language_model(session, request).model_config)
+    else:
+        tokenizer = request.tokenizer
+        vocab_size = GPT2_VOCAB_SIZE if tokenizer == "gpt2" else tokenizer.vocab_size
+        try:
+            config = GPTConfig.preset(request.model.preset, vocab_size=vocab_size, **request.model.overrides())
+        except ConfigError as e:
+            raise Invalid(str(e), param="model") from None
     hp = request.hyperparameters
     window = hp.block_size or config.context_length
     if window > config.context_length:
-        raise Invalid(f"block_size {window} exceeds the base model's context length {config.context_length}",
+        raise Invalid(f"block_size {window} exceeds the model's context length {config.context_length}",
                       param="hyperparameters.block_size")
     return config.to_dict(), JobCost(num_parameters(config), training_bytes(config, hp.batch_size, window),
                                      hp.batch_size * hp.grad_accum_steps * window,
-                                     "choose a smaller batch_size or block_size")
+                                     "choose a smaller model, batch_size or block_size")
 
 
 def _finetune_cost(session: Session, request: JobCreate, corpus: Corpus) -> JobCost:
@@ -127,10 +117,8 @@ def check_job(session: Session, request: JobCreate) -> tuple[dict, JobCost]:
             raise Invalid(f"validation corpus labels {unknown} do not occur in the training corpus "
                           f"(labels {corpus.label_names})", param="validation_corpus_id")
     spec = request.model_dump(mode="json")
-    if request.type == jobs.JobType.PRETRAIN and request.base_checkpoint_id is None:
-        spec["model_config"], cost = _pretrain_cost(request)
-    elif request.type == jobs.JobType.PRETRAIN:
-        spec["model_config"], cost = _continued_pretrain_cost(session, request)
+    if request.type == jobs.JobType.PRETRAIN:
+        spec["model_config"], cost = _pretrain_cost(session, request)
     else:
         cost = _finetune_cost(session, request, corpus)
     return spec, replace(cost, steps=_planned_steps(request, corpus, cost))
