@@ -122,9 +122,10 @@ class _Receiver:
         return self.upload
 
 
-async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: int) -> Upload:
-    """Stream the multipart request's file parts named in paths into those files; every one is required.
-    On any error the files are removed."""
+async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: int,
+                         optional: frozenset[str] = frozenset()) -> Upload:
+    """Stream the multipart request's file parts named in paths into those files; every one is required but
+    those named in optional. On any error the files are removed."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise APIError(415, f"send multipart/form-data with the part(s) {', '.join(map(repr, paths))}")
@@ -152,7 +153,7 @@ async def receive_upload(request: Request, paths: dict[str, Path], max_bytes: in
         discard()
         raise APIError(400, f"malformed multipart body: {e}") from e
     upload = receiver.finish()
-    missing = [name for name in paths if name not in upload.files]
+    missing = [name for name in paths if name not in upload.files and name not in optional]
     if missing:
         discard()
         raise APIError(422, f"the request has no {missing[0]!r} file part", param=missing[0])

@@ -84,9 +84,7 @@ class LMScore:
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """UTF-8 length of every token id's bytes [vocab_size] (special tokens count as their text)."""
-    encoding = tokenizer.encoding
-    return np.array([len(encoding.decode_single_token_bytes(i)) for i in range(tokenizer.vocab_size)],
-                    dtype=np.int64)
+    return np.array([len(token) for token in tokenizer.token_bytes(range(tokenizer.vocab_size))], dtype=np.int64)
 
 
 def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:

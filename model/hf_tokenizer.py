@@ -16,6 +16,7 @@ from model.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer
 VOCAB = "vocab.json"
 MERGES = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_JSON = "tokenizer.json"
 MERGES_VERSION = "#version: 0.2"  # the first line of GPT-2's merges.txt, which readers skip
 
 
@@ -56,17 +57,40 @@ def _special_token(name: str) -> dict:
             "special": True}
 
 
-def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:
-    """The text of GPT-2 tokenizer files, by file name, that make AutoTokenizer encode and decode as tokenizer
-    does (special tokens included, matched wherever they occur); ValueError if a GPT-2 tokenizer cannot."""
-    pattern = GPT2_PATTERN if tokenizer.name == "gpt2" else tokenizer.spec()["pattern"]
-    if pattern != GPT2_PATTERN:
-        raise ValueError(f"the tokenizer splits text with its own regex {pattern!r}; Hugging Face's GPT-2 "
-                         f"tokenizer can only split it with GPT-2's")
+def _specials_and_ranks(tokenizer: Tokenizer) -> tuple[dict[str, int], dict[bytes, int]]:
     encoding = tokenizer.encoding
     specials = {name: encoding.encode_single_token(name) for name in encoding.special_tokens_set}
     ranks = {encoding.decode_single_token_bytes(rank): rank for rank in range(encoding.n_vocab)
              if rank not in specials.values()}
+    return specials, ranks
+
+
+def hf_vocab(tokenizer: Tokenizer) -> dict[str, int]:
+    """The vocab.json of a tiktoken-run tokenizer: each token spelled as Hugging Face spells it, special tokens
+    as written."""
+    specials, ranks = _specials_and_ranks(tokenizer)
+    return {_spelled(token): rank for token, rank in ranks.items()} | specials
+
+
+def _tokenizer_json_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:
+    """An imported tokenizer.json (model.tokenizer_json) as it came, for PreTrainedTokenizerFast."""
+    spec = tokenizer.spec()
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "eos_token": spec["eos_token"], "clean_up_tokenization_spaces": False}
+    return {TOKENIZER_JSON: spec["tokenizer_json"], TOKENIZER_CONFIG: json.dumps(config, indent=2) + "\n"}
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:
+    """The text of tokenizer files, by file name, that make AutoTokenizer encode and decode as tokenizer does
+    (special tokens included, matched wherever they occur): GPT-2's vocab.json and merges.txt for our BPEs, the
+    tokenizer.json an imported model came with; ValueError if neither can."""
+    if tokenizer.name == "hf":
+        return _tokenizer_json_files(tokenizer, model_max_length)
+    pattern = GPT2_PATTERN if tokenizer.name == "gpt2" else tokenizer.spec()["pattern"]
+    if pattern != GPT2_PATTERN:
+        raise ValueError(f"the tokenizer splits text with its own regex {pattern!r}; Hugging Face's GPT-2 "
+                         f"tokenizer can only split it with GPT-2's")
+    specials, ranks = _specials_and_ranks(tokenizer)
     vocab = {_spelled(token): rank for token, rank in ranks.items()}
     clashes = sorted(name for name in specials if name in vocab)
     if clashes:

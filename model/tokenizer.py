@@ -4,6 +4,7 @@ A tokenizer is described by a JSON-serialisable spec that travels inside every c
 checkpoint always decodes with the tokenizer it was trained with:
 
 - `{"type": "gpt2"}`: tiktoken's GPT-2 encoding;
+- `{"type": "hf", ...}`: a Hugging Face tokenizer.json (model.tokenizer_json), for imported models;
 - `{"type": "bpe", "pattern": str, "ranks": [str, ...], "special_tokens": {str: int}}`: a byte-level BPE.
   `ranks[i]` is the base64 of the bytes of token i: the 256 single bytes in byte order, then one token
   per merge in the order the merges were learned (tiktoken merges by lowest rank, so rank = merge order).
@@ -60,13 +61,22 @@ class Tokenizer:
         holding at most 4 x COUNT_PART_CHARS of it at a time (text_parts): exact but for the rare part cut
         where no space allowed it."""
         parts = text_parts(pieces, COUNT_PART_CHARS, max_part_chars=4 * COUNT_PART_CHARS)
-        return sum(len(self.encode(part, allow_special=False)) for part in parts)
+        return sum(len(ids) for ids in self.encode_parts(parts, allow_special=False))
+
+    def encode_parts(self, parts: Iterable[str], allow_special: bool = True) -> Iterator[list[int]]:
+        """The ids of consecutive parts of one text (text_parts), part by part."""
+        for part in parts:
+            yield self.encode(part, allow_special)
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
 
     def decode_bytes(self, ids) -> bytes:
         return self.encoding.decode_bytes(list(ids))
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """Each id's own bytes (a token may hold part of a character)."""
+        return self.encoding.decode_tokens_bytes(list(ids))
 
     def spec(self) -> dict:
         # A deep copy: a caller editing the returned ranks must not change what this tokenizer saves.
@@ -178,6 +188,13 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
         return gpt2_tokenizer()
     if kind == "bpe":
         return _bpe_from_spec(copy.deepcopy(spec))
+    if kind == "hf":
+        from model.tokenizer_json import JsonTokenizer  # a subclass of Tokenizer, so imported here
+
+        unknown = sorted(set(spec) - {"type", "tokenizer_json", "eos_token"})
+        if unknown or not all(isinstance(spec.get(k), str) for k in ("tokenizer_json", "eos_token")):
+            raise ValueError("hf spec must have exactly the string keys 'tokenizer_json' and 'eos_token'")
+        return JsonTokenizer(spec["tokenizer_json"], spec["eos_token"])
     raise ValueError(f"unknown tokenizer spec type {kind!r}")
 
 

@@ -32,6 +32,9 @@ class GrammarError(ValueError):
 @functools.lru_cache(maxsize=8)
 def _llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
     # ~1 s for GPT-2's vocabulary: once per tokenizer a deployment serves
+    if tokenizer.name == "hf":  # a Hugging Face tokenizer.json, which llguidance reads as it is
+        return llguidance.LLTokenizer(tokenizer.spec()["tokenizer_json"], n_vocab=vocab_size,
+                                      eos_token=tokenizer.eot_id)
     return lltokenizer_from_encoding(tokenizer.encoding, n_vocab=vocab_size)
 
 

@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 from fastapi.testclient import TestClient
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from core.checkpoints import register_checkpoint
 from core.db import Database
@@ -200,3 +202,34 @@ def key_in(database_url: str, scope: str, name: str = "test") -> str:
 
 def create_api_key(app, scope: str, name: str = "test") -> str:
     return key_in(app.state.services.settings.sqlalchemy_url, scope, name)
+
+
+def byte_level(corpus: str) -> Backend:
+    """A byte-level BPE as Llama 3's and Qwen's tokenizer.json are."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([corpus], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|end_of_text|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return backend
+
+
+def sentencepiece(corpus: str) -> Backend:
+    """A SentencePiece-style BPE with byte fallback and "▁" for spaces, as Llama 2's tokenizer.json is."""
+    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+    backend = Backend(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    # SentencePiece's pieces never hold a space but at their start: trained split at the marks, which Llama 2's
+    # file then leaves to the merges alone (no pre-tokenizer)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=list("▁"))
+    backend.train_from_iterator([corpus], trainer)
+    # byte fallback ids are ordinary vocabulary entries in Llama 2's file, not added tokens
+    vocab = backend.get_vocab()
+    config = json.loads(backend.to_str()) | {"pre_tokenizer": None}
+    config["model"]["vocab"] |= {token: len(vocab) + i for i, token in enumerate(byte_tokens)}
+    return Backend.from_str(json.dumps(config))

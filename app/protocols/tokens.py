@@ -172,7 +172,7 @@ def _char_spans(pieces: list[bytes]) -> list[tuple[int, int]]:
 
 
 def _tgi_tokens(tokenizer: Tokenizer, text: str, ids: list[int], keep: int | None) -> list[dict]:
-    spans = _char_spans(tokenizer.encoding.decode_tokens_bytes(ids))
+    spans = _char_spans(tokenizer.token_bytes(ids))
     tokens = [{"id": i, "text": text[start:stop], "start": start, "stop": stop}
               for i, (start, stop) in zip(ids, spans, strict=True)]
     return tokens if keep is None else tokens[-keep:]

@@ -1,5 +1,5 @@
 """Checkpoints: list (by job), read, download as one archive, export for Hugging Face transformers, delete, and
-import Hugging Face GPT-2 weights."""
+import Hugging Face GPT-2, Llama and Qwen3 models with their tokenizers."""
 
 import json
 import shutil
@@ -28,6 +28,8 @@ from core.errors import Gone, Invalid
 from core.storage import DataDir
 from core.tables import Checkpoint
 from model import (
+    GPT,
+    Tokenizer,
     export_hf_gpt2,
     export_hf_llama,
     gpt2_tokenizer,
@@ -39,10 +41,11 @@ from model import (
     save_checkpoint,
 )
 from model.checkpoint import CheckpointError
-from model.config import GPT2_VOCAB_SIZE
 from model.hf_llama import ARCHITECTURES
 from model.json_text import parse_json
+from model.tokenizer_json import imported_tokenizer
 
+IMPORT_FILES = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[ReadOrTrain])
 
 
@@ -137,10 +140,11 @@ def delete_checkpoint(checkpoint: CheckpointDep, session: SessionDep, storage: S
     return {"id": checkpoint.id, "object": "checkpoint"}
 
 
-def _import(staging: Path):
-    """The uploaded model as our GPT; Invalid naming the part at fault, never a server path."""
+def _import(staging: Path) -> tuple[GPT, Tokenizer]:
+    """The uploaded model as our GPT, with its tokenizer: the uploaded tokenizer.json's, or GPT-2's without one;
+    Invalid naming the part at fault, never a server path."""
     def refuse(part: str, problem) -> Invalid:
-        file = "config.json" if part == "config" else "model.safetensors"
+        file = IMPORT_FILES[part]
         problem = str(problem).replace(str(staging), "<upload>")
         return Invalid(f"not an importable GPT-2, Llama or Qwen3 checkpoint: {file}: {problem}", param=part)
 
@@ -156,28 +160,42 @@ def _import(staging: Path):
     if not isinstance(config, dict):
         raise refuse("config", f"must be a JSON object, not {type(config).__name__}")
     try:
-        return import_hf_llama(staging) if config.get("model_type") in ARCHITECTURES else import_hf_gpt2(staging)
+        model = import_hf_llama(staging) if config.get("model_type") in ARCHITECTURES else import_hf_gpt2(staging)
     except (ValueError, TypeError, KeyError) as e:
         about_tensors = any(word in str(e) for word in ("shape", "missing key", "unexpected key", "tensor"))
         raise refuse("weights" if about_tensors else "config", e) from None
+    tokenizer_file = staging / IMPORT_FILES["tokenizer"]
+    if not tokenizer_file.exists():
+        tokenizer = gpt2_tokenizer()
+    else:
+        try:
+            tokenizer = imported_tokenizer(tokenizer_file.read_text(encoding="utf-8"), config)
+        except UnicodeDecodeError:
+            raise refuse("tokenizer", "not UTF-8 text") from None
+        except ValueError as e:
+            raise refuse("tokenizer", e) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        whose = "its tokenizer.json's" if tokenizer_file.exists() else (
+            "GPT-2's, the tokenizer of an import without one: send the model's tokenizer.json as the `tokenizer` part")
+        raise Invalid(f"the model's vocabulary has {model.config.vocab_size} tokens, fewer than the "
+                      f"{tokenizer.vocab_size} of its tokenizer ({whose})", param="tokenizer")
+    return model, tokenizer
 
 
 @router.post("/import", status_code=201, response_model=CheckpointOut)
 async def import_checkpoint(request: Request, database: DatabaseDep, settings: SettingsDep) -> CheckpointOut:
-    """multipart/form-data with `weights` (model.safetensors) and `config` (config.json) of a Hugging Face
-    GPT-2, Llama or Qwen3 model on GPT-2's vocabulary, as published; it becomes an `lm` checkpoint with GPT-2's
-    tokenizer."""
+    """multipart/form-data with `weights` (model.safetensors), `config` (config.json) and, optionally, `tokenizer`
+    (tokenizer.json) of a Hugging Face GPT-2, Llama or Qwen3 model, as published; it becomes an `lm` checkpoint
+    with that tokenizer (run by tiktoken where it is GPT-2's, else by Hugging Face's tokenizers library, ending
+    texts with config.json's eos_token_id), or GPT-2's without one."""
     storage = settings.storage
     staging = storage.staging_path(storage.checkpoints)
     staging.mkdir()
 
     def keep() -> CheckpointOut:
-        model = _import(staging)
-        if model.config.vocab_size != GPT2_VOCAB_SIZE:
-            raise Invalid(f"the model's vocabulary has {model.config.vocab_size} tokens; an imported model "
-                          f"must use GPT-2's {GPT2_VOCAB_SIZE}-token tokenizer", param="config")
+        model, tokenizer = _import(staging)
         checkpoint_id = new_id("ckpt")
-        target = save_checkpoint(storage.imported_checkpoint_dir(checkpoint_id), model, gpt2_tokenizer(),
+        target = save_checkpoint(storage.imported_checkpoint_dir(checkpoint_id), model, tokenizer,
                                  extra={"source": CheckpointSource.IMPORT})
         with database.session() as session:
             checkpoint = register_checkpoint(session, storage, target, read_metadata(target),
@@ -185,8 +203,8 @@ async def import_checkpoint(request: Request, database: DatabaseDep, settings: S
             return CheckpointOut.of(checkpoint)
 
     try:
-        await receive_upload(request, {"weights": staging / "model.safetensors", "config": staging / "config.json"},
-                             settings.max_upload_bytes)
+        await receive_upload(request, {part: staging / file for part, file in IMPORT_FILES.items()},
+                             settings.max_upload_bytes, optional=frozenset({"tokenizer"}))
         return await run_in_threadpool(keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

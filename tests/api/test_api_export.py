@@ -1,7 +1,9 @@
 """Exporting a checkpoint for Hugging Face transformers: GET /v1/checkpoints/{id}/export?format=hf."""
 
 import io
+import json
 import os
+import re
 import tarfile
 import time
 from dataclasses import replace
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from model import GPT, GPTClassifier, GPTConfig, gpt2_tokenizer
-from tests.helpers import TINY_LM, add_checkpoint, assert_error
+from tests.helpers import TINY_LM, add_checkpoint, assert_error, deploy, sentencepiece
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,3 +143,92 @@ def test_a_llama_checkpoint_exports_to_transformers_and_imports_back(api, tmp_pa
     assert imported.status_code == 201, imported.text
     architecture = imported.json()["architecture"]
     assert (architecture["position"], architecture["qk_norm"], architecture["n_kv_head"]) == ("rope", True, 1)
+
+
+@pytest.fixture(scope="module")
+def llama_with_its_tokenizer(tmp_path_factory, shared_data):
+    """A random Llama 2-shaped transformers model (its vocabulary padded past its SentencePiece-style tokenizer's,
+    as published models pad theirs) saved as Hugging Face publishes it, with its tokenizer.json."""
+    backend = sentencepiece((shared_data / "the-verdict.txt").read_text(encoding="utf-8"))
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab + 4, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, eos_token_id=backend.token_to_id("</s>"),
+        bos_token_id=backend.token_to_id("<s>"), tie_word_embeddings=False)).eval()
+    directory = tmp_path_factory.mktemp("llama2")
+    hf.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
+    return hf, backend, directory
+
+
+def import_parts(directory, **replaced) -> dict:
+    files = {"weights": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
+    return {part: (file, replaced.get(part, (directory / file).read_bytes())) for part, file in files.items()
+            if replaced.get(part, b"") is not None}
+
+
+def test_a_model_imported_with_its_tokenizer_json_tokenizes_generates_and_exports_as_transformers(
+        api, llama_with_its_tokenizer, tmp_path):
+    hf, backend, directory = llama_with_its_tokenizer
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    response = api.post("/v1/checkpoints/import", files=import_parts(directory))
+    assert response.status_code == 201, response.text
+    checkpoint = response.json()
+    assert checkpoint["tokenizer_type"] == "hf" and checkpoint["architecture"]["vocab_size"] == hf.config.vocab_size
+
+    deploy(api, "llama2", checkpoint["id"])
+    for text in TEXTS:
+        tokens = api.post("/tokenize", json={"model": "llama2", "prompt": text}).json()["tokens"]
+        assert tokens == reference.encode(text, add_special_tokens=False), text
+    prompt = "I had always thought Jack"
+    ids = reference.encode(prompt, add_special_tokens=False)
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    answer = api.post("/d/llama2/generate", json={"inputs": prompt, "parameters": {
+        "max_new_tokens": 8, "details": True}}).json()  # greedy, ending at </s> as transformers' does
+    assert [t["id"] for t in answer["details"]["tokens"]] == expected
+    constrained = api.post("/d/llama2/generate", json={"inputs": prompt, "parameters": {
+        "max_new_tokens": 8, "grammar": {"type": "regex", "value": "[a-z]+"}}})  # llguidance reads tokenizer.json
+    assert constrained.status_code == 200, constrained.text
+    assert re.fullmatch("[a-z]*", constrained.json()["generated_text"])
+
+    response = api.get(export_url(checkpoint["id"]))
+    assert response.status_code == 200, response.text
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    exported = tmp_path / f"{checkpoint['id']}-hf"
+    assert (exported / "tokenizer.json").read_text(encoding="utf-8") == backend.to_str()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    assert tokenizer.eos_token == "</s>"
+    assert all(tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+               for text in TEXTS)
+    again = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        assert (again(idx).logits - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("replaced, words", [
+    ({"tokenizer": b"{not json"}, ("tokenizer.json", "not valid JSON")),
+    ({"tokenizer": b"\xff\xfe"}, ("tokenizer.json", "UTF-8")),
+    ({"tokenizer": b"[" * 100_000}, ("tokenizer.json",)),
+    ({"tokenizer": json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}).encode()},
+     ("tokenizer.json", "eos_token_id")),
+    ({"tokenizer": None}, ("vocabulary has", "50257", "tokenizer.json")),  # GPT-2's tokenizer would not fit
+], ids=["not_json", "not_utf8", "nested_too_deeply", "no_end_of_text", "missing"])
+def test_a_tokenizer_json_that_cannot_serve_is_422(api, llama_with_its_tokenizer, replaced, words):
+    _, _, directory = llama_with_its_tokenizer
+    response = api.post("/v1/checkpoints/import", files=import_parts(directory, **replaced))
+    assert_error(response, 422, *words)
+    assert api.get("/v1/checkpoints").json()["data"] == []
+
+
+def test_a_tokenizer_larger_than_the_model_is_422(api, llama_with_its_tokenizer, tmp_path):
+    hf, backend, directory = llama_with_its_tokenizer
+    smaller = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        **hf.config.to_dict(), "vocab_size": backend.get_vocab_size(with_added_tokens=True) - 10}))
+    smaller.save_pretrained(tmp_path)
+    response = api.post("/v1/checkpoints/import", files=import_parts(directory, **{
+        part: (tmp_path / file).read_bytes() for part, file in (("weights", "model.safetensors"),
+                                                               ("config", "config.json"))}))
+    assert_error(response, 422, "fewer than the", "tokenizer.json")
