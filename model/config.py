@@ -8,6 +8,8 @@ attention and, for Qwen3, RMSNorm on each head's queries and keys.
 import math
 from dataclasses import asdict, dataclass, fields
 
+from model.rope import scaling_parameters
+
 GPT2_VOCAB_SIZE = 50257
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -61,6 +63,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     position: str = "learned"  # "learned": a wpe table added to the tokens; "rope": q and k rotated, no table
     rope_theta: float = 10000.0  # the base of the rotary frequencies
+    rope_scaling: dict | None = None  # a Hugging Face rope_parameters' scaling (model.rope): imported models'
     norm: str = "layernorm"  # or "rmsnorm" (a weight, no bias)
     mlp: str = "gelu"  # or "swiglu": silu(gate) * up, gate and up fused in c_fc
     mlp_hidden: int | None = None  # None: 4 * n_embd for gelu; for swiglu 8/3 * n_embd rounded up to 64
@@ -90,6 +93,13 @@ class GPTConfig:
         if isinstance(theta, bool) or not isinstance(theta, int | float) or not theta > 0:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         object.__setattr__(self, "rope_theta", float(theta))  # JSON may give an int
+        if self.rope_scaling is not None:
+            if self.position != "rope" or not isinstance(self.rope_scaling, dict):
+                raise ConfigError("rope_scaling is a dict of rotary positions' scaling, with position 'rope'")
+            try:
+                object.__setattr__(self, "rope_scaling", scaling_parameters(self.rope_scaling))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"position 'rope' rotates pairs of dimensions: head_dim (n_embd / n_head = "
                               f"{self.head_dim}) must be even")
@@ -101,6 +111,11 @@ class GPTConfig:
             raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if not isinstance(self.qk_norm, bool):
             raise ConfigError(f"qk_norm must be true or false, got {self.qk_norm!r}")
+
+    @property
+    def family(self) -> str:
+        """"gpt2", "llama" (rotary positions: the family's layout for export and import) or "qwen3" (QK-norm too)."""
+        return "qwen3" if self.qk_norm else "llama" if self.position == "rope" else "gpt2"
 
     @property
     def head_dim(self) -> int:

@@ -62,8 +62,8 @@ def tokenize_to_memmap(text_source: str | Path, tokenizer: Tokenizer, out_path: 
     dtype = token_dtype(tokenizer.vocab_size)
     n_tokens = 0
     with open(out_path, "wb") as out:
-        for part_ids in tokenizer.encode_parts(text_parts(_file_pieces(Path(text_source), chunk_chars), chunk_chars)):
-            ids = np.asarray(part_ids, dtype=dtype)
+        for i, part in enumerate(text_parts(_file_pieces(Path(text_source), chunk_chars), chunk_chars)):
+            ids = np.asarray(tokenizer.encode_part(part, first=i == 0), dtype=dtype)
             ids.tofile(out)
             n_tokens += len(ids)
     info = TokenFile(out_path, dtype.name, n_tokens, tokenizer.name)

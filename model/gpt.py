@@ -104,7 +104,8 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is None:
             positions = torch.arange(T, device=idx.device) if write is None else write.positions[:, None]
-            return x, rotation(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            return x, rotation(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                               self.config.rope_scaling)
         start = 0 if write is None else write.start
         if start is not None:  # every row at the same positions: a slice, not a gather
             return x + self.wpe.weight[start: start + T], None

@@ -18,6 +18,7 @@ from model.gpt import GPT
 from model.hf_gpt2 import CONFIG, check_keys, read_tensors, safetensors_files, write_hf_checkpoint
 from model.json_text import parse_json
 from model.lora import has_lora
+from model.rope import scaling_parameters
 from model.tokenizer import Tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -50,13 +51,18 @@ def tensor_map(config: GPTConfig) -> dict[str, list[tuple[str, int]]]:
     return names
 
 
-def _rope_theta(hf: dict) -> float:
-    """The rotary base; ValueError for a scaled rope (Llama 3.1's, YaRN...), which our rotation does not do."""
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """The rotary base and scaling (model.rope); ValueError for a scaling our rotation does not do."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spellings
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters must be an object, got {type(rope).__name__}")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_type is {kind!r}: only the default rotary embedding (no scaling) is supported")
-    return rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if kind == "default":
+        return theta, None
+    # scaling_parameters refuses what our rotation does not compute (a partial rotation, DeepSeek's mscale...)
+    return theta, scaling_parameters({"rope_type": kind, **{k: v for k, v in rope.items()
+                                                            if k not in ("rope_theta", "rope_type", "type")}})
 
 
 def _gpt_config(hf: dict) -> GPTConfig:
@@ -78,11 +84,12 @@ def _gpt_config(hf: dict) -> GPTConfig:
     if hf.get("head_dim") not in (None, n_embd // n_head):
         raise ValueError(f"head_dim is {hf['head_dim']}; ours is hidden_size / num_attention_heads = "
                          f"{n_embd // n_head}")
+    theta, scaling = _rope(hf)
     return GPTConfig(
         vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=n_embd, qkv_bias=False, bias=False,
         layer_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-        position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm", mlp="swiglu",
+        position="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=hf["intermediate_size"], n_kv_head=hf.get("num_key_value_heads"), qk_norm=model_type == "qwen3",
     )
 
@@ -141,7 +148,8 @@ def export_hf_llama(model: GPT, directory: str | os.PathLike, tokenizer: Tokeniz
     for name, parts in tensor_map(c).items():
         pieces = state[name].split([rows for _, rows in parts])
         tensors.update({part: piece for (part, _), piece in zip(parts, pieces, strict=True)})
-    model_type = "qwen3" if c.qk_norm else "llama"
+    model_type = c.family
+    scaling = {k: v for k, v in (c.rope_scaling or {}).items() if v is not None}
     hf_config = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -155,9 +163,10 @@ def export_hf_llama(model: GPT, directory: str | os.PathLike, tokenizer: Tokeniz
         "max_position_embeddings": c.context_length,
         "rms_norm_eps": c.layer_norm_eps,
         "hidden_act": "silu",
-        # transformers 5 reads rope_parameters, earlier versions (and vLLM's) rope_theta
+        # transformers 5 reads rope_parameters, earlier versions (and vLLM's) rope_theta and rope_scaling
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **scaling},
+        **({"rope_scaling": scaling} if scaling else {}),
         "attention_bias": False,
         "attention_dropout": c.dropout,
         "tie_word_embeddings": c.tie_embeddings,

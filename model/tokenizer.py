@@ -61,12 +61,11 @@ class Tokenizer:
         holding at most 4 x COUNT_PART_CHARS of it at a time (text_parts): exact but for the rare part cut
         where no space allowed it."""
         parts = text_parts(pieces, COUNT_PART_CHARS, max_part_chars=4 * COUNT_PART_CHARS)
-        return sum(len(ids) for ids in self.encode_parts(parts, allow_special=False))
+        return sum(len(self.encode_part(part, first=i == 0, allow_special=False)) for i, part in enumerate(parts))
 
-    def encode_parts(self, parts: Iterable[str], allow_special: bool = True) -> Iterator[list[int]]:
-        """The ids of consecutive parts of one text (text_parts), part by part."""
-        for part in parts:
-            yield self.encode(part, allow_special)
+    def encode_part(self, part: str, first: bool, allow_special: bool = True) -> list[int]:
+        """The ids of one of the consecutive parts of a text (text_parts): its first, or one that continues it."""
+        return self.encode(part, allow_special)
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))

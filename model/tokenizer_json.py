@@ -119,10 +119,9 @@ class JsonTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
         return [e.ids for e in self._backends[allow_special, True].encode_batch(texts, add_special_tokens=False)]
 
-    def encode_parts(self, parts, allow_special: bool = True):
-        """As Tokenizer's, but a part after the first continues the text: no SentencePiece space before it."""
-        for i, part in enumerate(parts):
-            yield self._backends[allow_special, i == 0].encode(part, add_special_tokens=False).ids
+    def encode_part(self, part: str, first: bool, allow_special: bool = True) -> list[int]:
+        """As Tokenizer's, but a part that continues a text gets no SentencePiece space before it."""
+        return self._backends[allow_special, first].encode(part, add_special_tokens=False).ids
 
     def token_bytes(self, ids) -> list[bytes]:
         """Each id's bytes; none for an id past the vocabulary (a model's padded embedding rows)."""

@@ -5,6 +5,8 @@ import { api, bytes, cannot, el, field, may, send, show } from "./lib.js";
 const CORPUS_KIND = { pretrain: "text", finetune_classifier: "classification", finetune_instruct: "instruction",
   finetune_dpo: "preference" };
 const FINETUNES = ["finetune_classifier", "finetune_instruct", "finetune_dpo"];
+// GET /v1/jobs/presets's families, in the order the form lists them
+const PRESET_FAMILIES = { gpt2: "GPT-2", llama: "Llama (RoPE, RMSNorm, SwiGLU, GQA)", qwen3: "Qwen3 (Llama + QK-norm)" };
 
 export async function newRunPage() {
   const [corpora, checkpoints, presets] = await Promise.all([api("/v1/corpora?limit=100"),
@@ -16,8 +18,9 @@ export async function newRunPage() {
     type: [el("select", { name: "type", "aria-label": "type" }, Object.keys(CORPUS_KIND).map((t) => el("option", { value: t }, t)))],
     name: [input("name", { type: "text", placeholder: "optional" })],
     corpus: [el("select", { name: "corpus", "aria-label": "corpus" })],
-    preset: [el("select", { name: "preset", "aria-label": "preset" }, presets.data.map((p) => el("option", { value: p.name },
-      `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))), ["pretrain"]],
+    preset: [el("select", { name: "preset", "aria-label": "preset" }, Object.entries(PRESET_FAMILIES).map(([family, label]) =>
+      el("optgroup", { label }, presets.data.filter((p) => p.family === family).map((p) => el("option", { value: p.name },
+        `${p.name} (${p.n_layer} layers, ${p.n_embd} wide, context ${p.context_length})`))))), ["pretrain"]],
     base: [el("select", { name: "base", "aria-label": "base checkpoint" })],
     steps: [input("steps", { type: "number", value: 200, min: 1 })],
     epochs: [optional("epochs", { min: 0, step: 0.5, title: "instead of steps: passes over the training data" })],

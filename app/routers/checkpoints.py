@@ -90,7 +90,7 @@ def _export_hf(source: Path, base: Path | None, target: Path) -> None:
         raise Gone(f"the files of the checkpoint cannot be read: {e}") from None
     try:
         model = merge_lora(model)
-        exporter = export_hf_llama if model.config.position == "rope" else export_hf_gpt2  # the Llama family, or GPT-2
+        exporter = export_hf_gpt2 if model.config.family == "gpt2" else export_hf_llama
         exporter(model, target, tokenizer)
     except ValueError as e:
         raise Invalid(f"the checkpoint cannot be exported as a Hugging Face model: {e}",

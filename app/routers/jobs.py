@@ -18,7 +18,7 @@ from app.services.jobs import check_job, create_job, memory_refusal, send_job
 from core import jobs
 from core.errors import NotFound
 from core.tables import Job, JobEvent, Metric
-from model.config import PRESETS
+from model.config import PRESETS, GPTConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ReadOrTrain])
 STREAM_POLL_S = 0.5
@@ -45,8 +45,9 @@ def estimate_job(body: JobCreate, session: SessionDep, settings: SettingsDep) ->
 
 @router.get("/presets")
 def model_presets() -> dict:
-    """The model presets a pretraining job may start from, with their shapes."""
-    return {"object": "list", "data": [{"name": name, **shape} for name, shape in PRESETS.items()]}
+    """The model presets a pretraining job may start from, with their family (gpt2, llama, qwen3) and shapes."""
+    return {"object": "list", "data": [{"name": name, "family": GPTConfig.preset(name).family, **shape}
+                                       for name, shape in PRESETS.items()]}
 
 
 @router.get("", response_model=Page[JobOut])

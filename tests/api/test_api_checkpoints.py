@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 TINY = dict(vocab_size=50257, n_layer=2, n_head=2, n_embd=32, n_positions=64)
 TINY_ARCHITECTURE = {"vocab_size": 50257, "context_length": 64, "n_layer": 2, "n_head": 2, "n_embd": 32,
                      "dropout": 0.1, "qkv_bias": True, "bias": True, "layer_norm_eps": 1e-5,
-                     "tie_embeddings": True, "position": "learned", "rope_theta": 10000.0, "norm": "layernorm",
-                     "mlp": "gelu", "mlp_hidden": None, "n_kv_head": None, "qk_norm": False}
+                     "tie_embeddings": True, "position": "learned", "rope_theta": 10000.0, "rope_scaling": None,
+                     "norm": "layernorm", "mlp": "gelu", "mlp_hidden": None, "n_kv_head": None, "qk_norm": False}
 UPLOAD_LIMIT = 16_000_000  # the tiny model's weights are 6.5 MB (a 50257 x 32 embedding); the fixture allows 2 MB
 
 

@@ -478,6 +478,7 @@ def test_a_job_is_costed_before_it_is_started(api, text_corpus):
     assert_no_jobs(api)  # an estimate starts nothing
     presets = {p["name"]: p for p in api.get("/v1/jobs/presets").json()["data"]}
     assert presets["gpt2"]["n_layer"] == 12 and "nano" in presets
+    assert [presets[name]["family"] for name in ("nano", "llama-mini", "qwen3-small")] == ["gpt2", "llama", "qwen3"]
 
 
 def test_a_run_of_epochs_is_counted_in_steps_from_the_corpus(api, text_corpus):

@@ -60,6 +60,10 @@ def test_a_job_trains_live_in_the_dashboard_and_a_read_key_only_looks(server, sh
         page.wait_for_selector("#cost:has-text('parameters')")
         assert "cli tests: deploy" in page.inner_text("#who")
         page.fill("input[name=name]", "verdict-nano")
+        families = page.eval_on_selector_all("select[name=preset] optgroup", "groups => groups.map(g => [g.label, "
+                                             "[...g.children].map(o => o.value)])")
+        assert [label.split()[0] for label, _ in families] == ["GPT-2", "Llama", "Qwen3"]
+        assert "nano" in families[0][1] and "llama-mini" in families[1][1] and "qwen3-small" in families[2][1]
         page.select_option("select[name=preset]", "nano")
         page.fill("input[name=steps]", "150")
         page.fill("input[name='batch size']", "4")

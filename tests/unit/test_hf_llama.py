@@ -16,7 +16,14 @@ transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
 CONFIGS = {"llama": LLAMA_TINY, "qwen3": QWEN3_TINY,
-           "llama-mqa-theta-tied": replace(LLAMA_TINY, rope_theta=500000.0, n_kv_head=1, tie_embeddings=True)}
+           "llama-mqa-theta-tied": replace(LLAMA_TINY, rope_theta=500000.0, n_kv_head=1, tie_embeddings=True),
+           # scaled rotations, with an original context short enough that the 40 test positions feel them
+           "llama-rope-linear": replace(LLAMA_TINY, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+           "llama-rope-llama3": replace(LLAMA_TINY, rope_scaling={
+               "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}),
+           "qwen3-rope-yarn": replace(QWEN3_TINY, rope_scaling={
+               "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})}
 
 
 def hf_model(config: GPTConfig):
@@ -26,7 +33,8 @@ def hf_model(config: GPTConfig):
                  num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
                  max_position_embeddings=config.context_length, rms_norm_eps=config.layer_norm_eps,
                  tie_word_embeddings=config.tie_embeddings,
-                 rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+                 rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **{
+                     k: v for k, v in (config.rope_scaling or {}).items() if v is not None}})
     kind = "Qwen3" if config.qk_norm else "Llama"
     torch.manual_seed(6)
     model = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(**shape))
@@ -111,7 +119,13 @@ def edit_config(path, **changes):
     (dict(model_type="gpt2"), "model_type is 'gpt2'"),
     (dict(hidden_act="gelu"), "hidden_act is 'gelu'"),
     (dict(attention_bias=True), "attention_bias is set"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_type is 'llama3'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_type 'llama3' needs low_freq_factor"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}), "'longrope'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                           "original_max_position_embeddings": 16, "mscale": 0.7}), "not mscale"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 5e5, "factor": -2}), "factor must be a positive"),
+    (dict(rope_parameters=[1, 2]), "rope_parameters must be an object"),
     (dict(head_dim=32), "head_dim is 32"),
     (dict(num_key_value_heads=4), r"self_attn\.k_proj\.weight: checkpoint shape \[32, 64\], the config needs "
                                   r"\[64, 64\]"),

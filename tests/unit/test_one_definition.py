@@ -11,8 +11,9 @@ from model.config import PRESETS
 
 # what the library has that a job request does not set: the worker picks the device; Adam's betas stay the
 # library's; a model's vocabulary comes from its tokenizer and its biases and epsilon from its preset
-LIBRARY_ONLY = {TrainConfig: {"device", "beta1", "beta2"}, GPTConfig: {"vocab_size", "bias", "layer_norm_eps"},
-                LoRAConfig: set()}
+# (rope_scaling stretches an imported model's context: nothing trained here from scratch asks for it)
+LIBRARY_ONLY = {TrainConfig: {"device", "beta1", "beta2"},
+                GPTConfig: {"vocab_size", "bias", "layer_norm_eps", "rope_scaling"}, LoRAConfig: set()}
 # what a request has that the library config does not: the training data's shape
 REQUEST_ONLY = {Hyperparameters: {"batch_size", "block_size", "stride", "max_length", "epochs"}, ModelSpec: {"preset"},
                 LoRASpec: set()}
