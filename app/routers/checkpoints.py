@@ -113,13 +113,13 @@ async def _removed_after(archive: TarStream, directory: Path) -> AsyncIterator[b
 @router.get("/{checkpoint_id}/export", response_class=StreamingResponse)
 async def export_checkpoint(checkpoint: CheckpointDep, session: SessionDep, storage: StorageDep,
                             format_: Annotated[Literal["hf"], Query(
-                                alias="format", description="`hf`: a Hugging Face transformers GPT-2 directory")]
+                                alias="format", description="`hf`: a Hugging Face transformers directory")]
                             ) -> StreamingResponse:
-    """A tar archive of the checkpoint as a Hugging Face transformers GPT-2 directory (model.safetensors,
-    config.json, generation_config.json, and the tokenizer's vocab.json, merges.txt and tokenizer_config.json) that
-    GPT2LMHeadModel and AutoTokenizer load with from_pretrained, LoRA adapters merged into the weights. 422 naming
-    the reason for a checkpoint GPT-2 cannot express: a classifier, a model without biases, a tokenizer with its own
-    regex."""
+    """A tar archive of the checkpoint as a Hugging Face transformers directory (model.safetensors, config.json,
+    generation_config.json, and the tokenizer's vocab.json, merges.txt and tokenizer_config.json, or the
+    tokenizer.json it was imported with) that AutoModelForCausalLM (GPT-2, or Llama and Qwen3 for those families)
+    and AutoTokenizer load with from_pretrained, LoRA adapters merged into the weights. 422 naming the reason for a
+    checkpoint those cannot express: a classifier, a GPT-2 without biases, a tokenizer with its own regex."""
     source = _directory(storage, checkpoint)
     base = await run_in_threadpool(base_dir, session, storage, checkpoint)
     target = storage.staging_path(storage.checkpoints)
