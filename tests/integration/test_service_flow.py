@@ -125,10 +125,11 @@ def metric_rows(settings: Settings, job_id: str, name: str) -> int:
     return count
 
 
-def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, shared_data):
+@pytest.mark.parametrize("preset", ["nano", "qwen3-nano"])  # GPT-2, and the Llama family with every option
+def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, shared_data, preset):
     service.start_worker()
     verdict = service.upload(shared_data / "the-verdict.txt", "text")
-    job = service.submit(**pretrain_request(verdict))
+    job = service.submit(**{**pretrain_request(verdict), "model": {"preset": preset, "context_length": 64}})
     assert job["status"] == "queued" and job["progress"]["total_steps"] == 20
     done = service.wait_until_done(job["id"])
     assert done["status"] == "succeeded", done
@@ -179,6 +180,17 @@ def test_pretrain_then_finetune_a_classifier_and_an_instruction_model(service, s
     assert done["status"] == "succeeded", done
     [checkpoint] = service.client.get("/v1/checkpoints", params={"job_id": instruct["id"]}).json()["data"]
     assert checkpoint["task"] == "lm" and checkpoint["prompt_format"] == "alpaca"
+
+    pairs = service.upload(None, "preference", json.dumps(preference_records(records[:16])).encode(), "pairs.json")
+    dpo = service.submit(type="finetune_dpo", corpus_id=pairs, base_checkpoint_id=checkpoint["id"],
+                         hyperparameters={"max_steps": 2, "batch_size": 4, "checkpoint_interval": 0,
+                                          "learning_rate": 1e-4, "max_length": 48})
+    assert service.wait_until_done(dpo["id"])["status"] == "succeeded"
+    evaluation = service.client.post("/v1/evaluations", json={"checkpoint_id": checkpoints[0]["id"],
+                                                               "corpus_id": verdict, "max_tokens": 2000}).json()
+    assert service.wait_until_done(evaluation["job_id"])["status"] == "succeeded"
+    metrics = service.client.get(f"/v1/evaluations/{evaluation['id']}").json()["metrics"]
+    assert 0 < metrics["bits_per_byte"] < metrics["uniform_bits_per_byte"]
 
 
 def test_evaluate_a_training_jobs_checkpoints_on_its_validation_corpus(service, shared_data):
