@@ -6,6 +6,7 @@ grouped-query attention and qk_norm (see GPTConfig); the norms keep GPT-2's name
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,17 @@ class GPT(nn.Module):
         """
         pack_linears(self)  # an untied head is one of them
         self.packed_output = pack(self.wte.weight) if self.lm_head is None else self.lm_head.packed
+
+    def shorten_context(self, context_length: int) -> None:
+        """Work at a shorter context than the model was built for (an imported model's may be 128k tokens, whose
+        KV cache would not fit): the same weights, the position table's first rows (rotary positions have none)."""
+        if not isinstance(context_length, int) or not 2 <= context_length <= self.config.context_length:
+            raise ValueError(f"context_length must be an integer from 2 to the model's {self.config.context_length}, "
+                             f"got {context_length!r}")
+        self.config = replace(self.config, context_length=context_length)
+        if self.wpe is not None:
+            self.wpe.weight = nn.Parameter(self.wpe.weight.detach()[:context_length].clone())
+            self.wpe.num_embeddings = context_length
 
     @property
     def output_weight(self) -> Tensor:

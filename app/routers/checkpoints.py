@@ -187,13 +187,19 @@ async def import_checkpoint(request: Request, database: DatabaseDep, settings: S
     """multipart/form-data with `weights` (model.safetensors), `config` (config.json) and, optionally, `tokenizer`
     (tokenizer.json) of a Hugging Face GPT-2, Llama or Qwen3 model, as published; it becomes an `lm` checkpoint
     with that tokenizer (run by tiktoken where it is GPT-2's, else by Hugging Face's tokenizers library, ending
-    texts with config.json's eos_token_id), or GPT-2's without one."""
+    texts with config.json's eos_token_id), or GPT-2's without one. An optional `context_length` field serves and
+    trains it at a shorter context than config.json's (Llama 3's 131072 would need a KV cache that large)."""
     storage = settings.storage
     staging = storage.staging_path(storage.checkpoints)
     staging.mkdir()
 
-    def keep() -> CheckpointOut:
+    def keep(fields: dict[str, str]) -> CheckpointOut:
         model, tokenizer = _import(staging)
+        if "context_length" in fields:
+            try:
+                model.shorten_context(int(fields["context_length"]))
+            except ValueError as e:
+                raise Invalid(f"context_length: {e}", param="context_length") from None
         checkpoint_id = new_id("ckpt")
         target = save_checkpoint(storage.imported_checkpoint_dir(checkpoint_id), model, tokenizer,
                                  extra={"source": CheckpointSource.IMPORT})
@@ -203,8 +209,8 @@ async def import_checkpoint(request: Request, database: DatabaseDep, settings: S
             return CheckpointOut.of(checkpoint)
 
     try:
-        await receive_upload(request, {part: staging / file for part, file in IMPORT_FILES.items()},
-                             settings.max_upload_bytes, optional=frozenset({"tokenizer"}))
-        return await run_in_threadpool(keep)
+        upload = await receive_upload(request, {part: staging / file for part, file in IMPORT_FILES.items()},
+                                      settings.max_upload_bytes, optional=frozenset({"tokenizer"}))
+        return await run_in_threadpool(keep, upload.fields)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from model import GPT, GPTClassifier, GPTConfig, gpt2_tokenizer
+from model import GPT, GPTClassifier, GPTConfig, gpt2_tokenizer, load_checkpoint
 from tests.helpers import TINY_LM, add_checkpoint, assert_error, deploy, sentencepiece
 
 transformers = pytest.importorskip("transformers")
@@ -232,3 +232,37 @@ def test_a_tokenizer_larger_than_the_model_is_422(api, llama_with_its_tokenizer,
         part: (tmp_path / file).read_bytes() for part, file in (("weights", "model.safetensors"),
                                                                ("config", "config.json"))}))
     assert_error(response, 422, "fewer than the", "tokenizer.json")
+
+
+def test_an_import_can_serve_at_a_shorter_context(api, llama_with_its_tokenizer):
+    hf, _, directory = llama_with_its_tokenizer
+    for value in ("0", "1", "65", "many", "-3"):  # the config's context is 64
+        response = api.post("/v1/checkpoints/import", files=import_parts(directory), data={"context_length": value})
+        assert_error(response, 422, "context_length")
+    response = api.post("/v1/checkpoints/import", files=import_parts(directory), data={"context_length": "16"})
+    assert response.status_code == 201, response.text
+    assert response.json()["architecture"]["context_length"] == 16
+    deploy(api, "short", response.json()["id"])
+    too_long = api.post("/v1/completions", json={"model": "short", "prompt": "I had always thought " * 8,
+                                                 "max_tokens": 1})
+    assert_error(too_long, 400, "context")
+    answer = api.post("/v1/completions", json={"model": "short", "prompt": "I had", "max_tokens": 40}).json()
+    assert answer["usage"]["total_tokens"] <= 16  # generation stops at the shorter context
+
+
+def test_a_gpt2_import_at_a_shorter_context_keeps_the_first_positions(api, tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, n_positions=64)).eval()
+    hf.save_pretrained(tmp_path)
+    response = api.post("/v1/checkpoints/import", data={"context_length": "10"}, files={
+        "weights": ("model.safetensors", (tmp_path / "model.safetensors").read_bytes()),
+        "config": ("config.json", (tmp_path / "config.json").read_bytes())})
+    assert response.status_code == 201, response.text
+    checkpoint = response.json()["id"]
+    with tarfile.open(fileobj=io.BytesIO(api.get(f"/v1/checkpoints/{checkpoint}/download").content)) as tar:
+        tar.extractall(tmp_path / "downloaded", filter="data")
+    ours = load_checkpoint(tmp_path / "downloaded" / checkpoint)[0]
+    assert ours.wpe.weight.shape == (10, 8) and torch.equal(ours.wpe.weight, hf.transformer.wpe.weight[:10])
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
