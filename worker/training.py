@@ -50,7 +50,7 @@ from model import (
     weights_sha256,
 )
 from model.data import read_token_info
-from model.dpo import DPOObjective, pair_logprobs
+from model.dpo import DPOObjective, pair_logprobs, without_dropout
 from model.preference_data import encode_preference, read_preference_file
 from model.trainer import autocast_for, resolve_device
 
@@ -225,6 +225,7 @@ def _language_plan(job: Job, model, tokenizer, base_meta: dict, objective, devic
 def _plan_dpo(job: Job, storage: DataDir, inputs: "TrainingInputs", device: str) -> Plan:
     spec, hp = job.spec, job.spec["hyperparameters"]
     model, tokenizer, base_meta = _base(inputs)
+    without_dropout(model)
     records, val_records = _records(job, storage, inputs, read_preference_file)
     max_length = min(hp["max_length"] or model.config.context_length, model.config.context_length)
     train, val = ([encode_preference(r, tokenizer, max_length) for r in rs] for rs in (records, val_records))

@@ -7,6 +7,7 @@ from app.schemas.common import Strict, one_of
 from core.jobs import TRAINING, JobStatus, JobType
 from model import LoRAConfig, TrainConfig
 from model.config import MLPS, NORMS, POSITIONS
+from model.dpo import LEARNING_RATE as DPO_LEARNING_RATE
 from model.lora import LORA_TARGETS
 from model.parallel import micro_batches
 from model.trainer import OPTIMIZERS, SCHEDULES
@@ -67,7 +68,8 @@ class Hyperparameters(Strict):
         "instead of max_steps: passes over the training split (its records, its strided windows, or as many tokens "
         "as it holds); the worker turns them into steps once it has read the data"))
     batch_size: int = Field(8, ge=1, le=4096)
-    learning_rate: float = Field(TRAIN.learning_rate, gt=0, le=1)
+    learning_rate: float = Field(TRAIN.learning_rate, gt=0, le=1, description=(
+        f"the peak learning rate (AdamW's); finetune_dpo's default is {DPO_LEARNING_RATE}"))
     min_learning_rate: float | None = Field(TRAIN.min_learning_rate, ge=0)
     warmup_steps: int = Field(TRAIN.warmup_steps, ge=0)
     weight_decay: float = Field(TRAIN.weight_decay, ge=0, le=10)
@@ -155,6 +157,8 @@ class JobCreate(Strict):
                 what = "continued pretraining" if self.type == JobType.PRETRAIN else "a finetune"
                 raise ValueError(f"{what} keeps its base checkpoint's model and tokenizer: drop model and "
                                  f"tokenizer")
+        if self.type == JobType.FINETUNE_DPO and "learning_rate" not in self.hyperparameters.model_fields_set:
+            self.hyperparameters.learning_rate = DPO_LEARNING_RATE
         if self.adapter_only and (self.type not in LANGUAGE_FINETUNES or self.lora is None):
             # a classifier's new head is no adapter a language model's deployment could serve
             raise ValueError(f"adapter_only is for {' and '.join(LANGUAGE_FINETUNES)} jobs with lora")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, gpt2_tokenizer
 from model.classification_data import DataFormatError
-from model.dpo import DPOObjective, pair_logprobs, preference_scores, sequence_logprobs
+from model.dpo import DPOObjective, pair_logprobs, preference_scores, sequence_logprobs, without_dropout
 from model.evaluation import EvaluationStopped
 from model.instruction_data import encode_instruction
 from model.preference_data import (
@@ -208,3 +208,12 @@ def test_objective_refuses_a_reference_of_the_wrong_shape():
     pairs = synthetic_pairs(4, 0)
     with pytest.raises(ValueError, match="validation reference"):
         DPOObjective(pairs, pairs, torch.zeros(4, 2), torch.zeros(3, 2), batch_size=2)
+
+
+def test_without_dropout_a_training_model_answers_as_in_eval_mode():
+    torch.manual_seed(0)
+    model = without_dropout(GPT(GPTConfig.preset("nano", dropout=0.5)))
+    assert model.config.dropout == 0.5  # what later finetunes from its checkpoint start with
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    training = model.train()(idx)[0]
+    assert torch.equal(training, model(idx)[0]) and torch.allclose(training, model.eval()(idx)[0], atol=1e-6)

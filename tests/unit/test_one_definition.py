@@ -3,11 +3,12 @@ the enumerations the library and the service both spell agree."""
 
 from dataclasses import MISSING, fields
 
-from app.schemas.jobs import Hyperparameters, LoRASpec, ModelSpec
+from app.schemas.jobs import Hyperparameters, JobCreate, LoRASpec, ModelSpec
 from core.enums import CheckpointTask
 from model import GPTConfig, LoRAConfig, TrainConfig
 from model.checkpoint import TASKS
 from model.config import PRESETS
+from model.dpo import LEARNING_RATE as DPO_LEARNING_RATE
 
 # what the library has that a job request does not set: the worker picks the device; Adam's betas stay the
 # library's; a model's vocabulary comes from its tokenizer and its biases and epsilon from its preset
@@ -46,3 +47,13 @@ def test_model_spec_overrides_gpt_config_fields():
 
 def test_checkpoint_tasks_are_the_library_s():
     assert tuple(CheckpointTask) == TASKS
+
+
+def test_a_dpo_job_defaults_to_dpos_learning_rate():
+    def learning_rate(type_: str, **hyperparameters) -> float:
+        return JobCreate(type=type_, corpus_id="corpus_x", base_checkpoint_id="ckpt_x",
+                         hyperparameters=hyperparameters).hyperparameters.learning_rate
+
+    assert learning_rate("finetune_dpo") == DPO_LEARNING_RATE < TrainConfig.learning_rate
+    assert learning_rate("finetune_dpo", learning_rate=0.003) == 0.003  # as asked
+    assert learning_rate("finetune_instruct") == TrainConfig.learning_rate
