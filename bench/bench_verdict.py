@@ -12,7 +12,9 @@ What differs from the book: the Trainer's AdamW does not decay biases and LayerN
 (the default) is the book's GPTModel: a separate output layer (163M parameters) and PyTorch's default init
 (book_init); --head tied ties the LM head to the token embedding as GPT-2 does (124M), keeping the book's
 init as far as a tied head allows; --init gpt2 keeps the library's GPT-2 init, with which this run stalls
-near loss 6.
+near loss 6. --family llama (or qwen3) builds the same 124M shape with that family's options, as the llama-*
+presets do (rotary positions, RMSNorm, SwiGLU, no biases, 6 key/value heads for 12 query heads; qwen3 adds
+QK-norm).
 
 Prints the training loss (the book's calc_loss_loader: every training window, model in eval mode; also the
 mean of the last epoch's batch losses, in train mode with dropout), the validation loss, a greedy
@@ -29,11 +31,16 @@ from common import DATA_DIR, Clock, PrintProgress, setup, train
 from torch import nn
 
 from model import GPT, GPTConfig
+from model.config import LLAMA, PRESETS, QWEN3
 from model.data import n_windows, windows_at
 from model.generate import generate
 from model.objectives import PretrainObjective
 from model.tokenizer import gpt2_tokenizer
 from model.trainer import TrainConfig
+
+# The Llama / Qwen3 options at GPT-2 124M's size, with half as many key/value heads as the llama-* presets have
+FAMILIES = {"gpt2": {}, **{family: {**options, "n_kv_head": PRESETS["gpt2"]["n_head"] // 2}
+                           for family, options in (("llama", LLAMA), ("qwen3", QWEN3))}}
 
 
 def mean_loss(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int) -> float:
@@ -78,6 +85,8 @@ def main() -> None:
                         help="book: the book's embedding and linear init (see book_init); gpt2: the library's")
     parser.add_argument("--head", choices=("untied", "tied"), default="untied",
                         help="untied: a separate output layer, as in the book; tied: GPT-2's tied LM head")
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="gpt2",
+                        help="llama / qwen3: the 124M shape with that family's options, as the llama-* presets")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     setup(args.threads)
@@ -96,12 +105,13 @@ def main() -> None:
           f"{batch_size}x{block_size} per epoch, {max_steps} steps")
 
     torch.manual_seed(args.seed)
-    config = GPTConfig.preset("gpt2", context_length=256, dropout=0.1, qkv_bias=False,
-                              tie_embeddings=args.head == "tied")
+    config = GPTConfig.preset("gpt2", **{**FAMILIES[args.family], "context_length": 256, "dropout": 0.1,
+                                         "qkv_bias": False, "tie_embeddings": args.head == "tied"})
     model = GPT(config)
     if args.init == "book":
         book_init(model)
-    print(f"init: {args.init}; model: {model.num_parameters() / 1e6:.1f}M parameters ({args.head} LM head)")
+    print(f"init: {args.init}; model: {args.family}, {model.num_parameters() / 1e6:.1f}M parameters "
+          f"({args.head} LM head)")
     print(f"before: train loss {mean_loss(model, train_tokens, block_size, batch_size):.3f}, "
           f"val loss {mean_loss(model, val_tokens, block_size, batch_size):.3f}")
 

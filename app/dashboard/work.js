@@ -26,7 +26,7 @@ export async function newRunPage() {
     epochs: [optional("epochs", { min: 0, step: 0.5, title: "instead of steps: passes over the training data" })],
     batch: [input("batch size", { type: "number", value: 8, min: 1 })],
     accumulation: [input("grad accum steps", { type: "number", value: 1, min: 1 })],
-    learning_rate: [optional("learning rate", { step: 0.0001, min: 0, title: "default: 6e-4; DPO's 1e-4" })],
+    learning_rate: [optional("learning rate", { step: 0.0001, min: 0, title: "empty: the server's default for the job type (DPO's is lower)" })],
     warmup_steps: [optional("warmup steps", { min: 0 })],
     eval_interval: [optional("eval interval", { min: 0 })],
     checkpoint_interval: [optional("checkpoint interval", { min: 0 })],
