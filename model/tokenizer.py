@@ -33,6 +33,10 @@ _WORD_START = regex.compile(r"(?<=\S) ")  # where text_parts may cut
 _LAST_WORD_START = regex.compile(r"(?r)(?<=\S) ")  # the same, searched right to left
 
 
+class TokenizerError(ValueError):
+    """The tokenizer cannot encode this text (an imported tokenizer.json's own failure)."""
+
+
 class Tokenizer:
     def __init__(self, encoding: tiktoken.Encoding, spec: dict):
         self.encoding = encoding

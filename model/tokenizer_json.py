@@ -19,21 +19,28 @@ import tokenizers
 
 from model.hf_tokenizer import BYTE_STAND_INS, hf_vocab
 from model.json_text import parse_json
-from model.tokenizer import Tokenizer, gpt2_tokenizer
+from model.tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
+PROBE_TEXTS = ["Hello, world! It's 12:30.", "naïve café — 日本語 🤖", "  tabs\tand\nnewlines  ", "a" * 200 + "!"]
 
 
 STAND_IN_BYTES = {char: byte for byte, char in enumerate(BYTE_STAND_INS)}
 
 
-def _decoders(decoder: dict | None) -> list[str]:
-    if not decoder:
+def _decoders(decoder) -> list[str]:
+    if not isinstance(decoder, dict):
         return []
-    if decoder.get("type") == "Sequence":
-        return [kind for part in decoder.get("decoders", []) for kind in _decoders(part)]
+    if decoder.get("type") == "Sequence" and isinstance(decoder.get("decoders"), list):
+        return [kind for part in decoder["decoders"] for kind in _decoders(part)]
     return [decoder.get("type")]
+
+
+def _library_error(e: BaseException) -> bool:
+    """Whether e is the tokenizers library's: its errors are plain Exceptions, and a panic in its Rust code (a
+    regex past its backtracking limit) surfaces as a BaseException."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def _token_bytes(backend: tokenizers.Tokenizer, config: dict) -> list[bytes]:
@@ -86,6 +93,10 @@ def _backend(config: dict, special_tokens_as_text: bool = False) -> tokenizers.T
     return backend
 
 
+def _cannot_encode(e: BaseException) -> BaseException:
+    return TokenizerError(f"the model's tokenizer cannot encode this text: {e}") if _library_error(e) else e
+
+
 class JsonTokenizer(Tokenizer):
     """model.tokenizer.Tokenizer's methods over a tokenizer.json instead of a tiktoken encoding."""
 
@@ -96,10 +107,9 @@ class JsonTokenizer(Tokenizer):
             self._backends = {(special, first): _backend(config if first else _without_prefix_space(config),
                                                          special_tokens_as_text=not special)
                               for special in (True, False) for first in (True, False)}
-        except Exception as e:  # JSON's and the Rust library's errors alike
-            raise ValueError(f"not a tokenizer.json the tokenizers library reads: {e}") from None
-        except BaseException as e:  # a panic in the Rust library surfaces as a BaseException
-            if type(e).__name__ != "PanicException":
+            self._bytes = _token_bytes(self._backends[True, True], config)
+        except BaseException as e:
+            if not _library_error(e):
                 raise
             raise ValueError(f"not a tokenizer.json the tokenizers library reads: {e}") from None
         backend = self._backends[True, True]
@@ -107,21 +117,26 @@ class JsonTokenizer(Tokenizer):
         if eot_id is None:
             raise ValueError(f"the end-of-text token {eos_token!r} is not in the tokenizer's vocabulary")
         self._spec = {"type": "hf", "tokenizer_json": tokenizer_json, "eos_token": eos_token}
-        self._bytes = _token_bytes(backend, config)
         self.eot_id = eot_id
         self.vocab_size = len(self._bytes)
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of text, without the BOS a post-processor would add; special tokens as one id each when
         allowed, otherwise encoded as plain text."""
-        return self._backends[allow_special, True].encode(text, add_special_tokens=False).ids
+        return self.encode_part(text, first=True, allow_special=allow_special)
 
     def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
-        return [e.ids for e in self._backends[allow_special, True].encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._backends[allow_special, True].encode_batch(texts, add_special_tokens=False)]
+        except BaseException as e:
+            raise _cannot_encode(e) from None
 
     def encode_part(self, part: str, first: bool, allow_special: bool = True) -> list[int]:
         """As Tokenizer's, but a part that continues a text gets no SentencePiece space before it."""
-        return self._backends[allow_special, first].encode(part, add_special_tokens=False).ids
+        try:
+            return self._backends[allow_special, first].encode(part, add_special_tokens=False).ids
+        except BaseException as e:
+            raise _cannot_encode(e) from None
 
     def token_bytes(self, ids) -> list[bytes]:
         """Each id's bytes; none for an id past the vocabulary (a model's padded embedding rows)."""
@@ -137,8 +152,10 @@ class JsonTokenizer(Tokenizer):
 
 def _is_gpt2(config: dict) -> bool:
     """Whether a tokenizer.json is GPT-2's byte-level BPE, which tiktoken runs faster."""
-    model = config.get("model") or {}
-    if model.get("type") != "BPE" or config.get("normalizer") or "ByteLevel" not in _decoders(config.get("decoder")):
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or config.get("normalizer"):
+        return False
+    if "ByteLevel" not in _decoders(config.get("decoder")):
         return False
     return model.get("vocab") == hf_vocab(gpt2_tokenizer())
 
@@ -160,11 +177,20 @@ def imported_tokenizer(tokenizer_json: str, hf_config: dict) -> Tokenizer:
         eos_id = eos_id[0] if eos_id else None
     if type(eos_id) is not int:
         raise ValueError("config.json must name the end-of-text token: eos_token_id, an id of tokenizer.json")
-    vocab = (config.get("model") or {}).get("vocab")
-    names = {token.get("id"): token.get("content") for token in config.get("added_tokens") or []
-             if isinstance(token, dict)}
-    if isinstance(vocab, dict):
-        names = {token_id: token for token, token_id in vocab.items()} | names
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    vocab, added = model.get("vocab"), config.get("added_tokens")
+    names = {}
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+        names = {token_id: token for token, token_id in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [token, score] by id
+        names = {token_id: entry[0] for token_id, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    if isinstance(added, list):
+        names |= {token.get("id"): token.get("content") for token in added if isinstance(token, dict)}
     if not isinstance(names.get(eos_id), str):
         raise ValueError(f"config.json's eos_token_id {eos_id} is no token of tokenizer.json")
-    return JsonTokenizer(tokenizer_json, names[eos_id])
+    tokenizer = JsonTokenizer(tokenizer_json, names[eos_id])
+    try:  # one that cannot encode ordinary text is refused now, not at its first request
+        tokenizer.encode_batch(PROBE_TEXTS)
+    except TokenizerError as e:
+        raise ValueError(str(e)) from None
+    return tokenizer

@@ -18,6 +18,7 @@ import torch
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.classification_data import pad_token_ids
+from model.tokenizer import TokenizerError
 from serving.deployments import DeploymentManager, Loaded
 from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
@@ -231,7 +232,10 @@ class EngineClient:
     async def encode(self, model: Model, text: str) -> list[int]:
         """The prompt's token ids; PromptTooLarge past the size limit."""
         self._check_size(text)
-        return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
+        try:
+            return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
+        except TokenizerError as e:  # an imported tokenizer.json's own failure on this text
+            raise InvalidRequest(str(e)) from None
 
     @staticmethod
     def check_fits(model: Model, prompt: list[int], room: int = 1) -> None:
@@ -285,7 +289,10 @@ class EngineClient:
 
         def run() -> Classified:
             try:
-                encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
+                try:
+                    encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
+                except TokenizerError as e:
+                    raise InvalidRequest(str(e)) from None
                 too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
                 if too_long is not None and not truncate:
                     raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)

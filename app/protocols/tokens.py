@@ -164,7 +164,7 @@ def _char_spans(pieces: list[bytes]) -> list[tuple[int, int]]:
     tokenizers' offsets, which TGI answers with."""
     spans, begun = [], 0  # begun: characters whose first byte came before this piece
     for piece in pieces:
-        continues = 0x80 <= piece[0] < 0xC0  # UTF-8 continuation byte: it starts inside the previous character
+        continues = bool(piece) and 0x80 <= piece[0] < 0xC0  # starts inside the previous character
         start = begun - continues
         begun += sum(not 0x80 <= b < 0xC0 for b in piece)
         spans.append((start, begun))

@@ -266,3 +266,27 @@ def test_a_gpt2_import_at_a_shorter_context_keeps_the_first_positions(api, tmp_p
     idx = torch.randint(0, 50257, (1, 10))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_text_an_imported_tokenizer_cannot_encode_is_refused_by_name(api, llama_with_its_tokenizer):
+    _, backend, directory = llama_with_its_tokenizer
+
+    def splitting_on(pattern: str) -> bytes:  # a pre-tokenizer regex that backtracks past the library's limit
+        config = json.loads(backend.to_str())
+        config["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+                                   "invert": False}
+        return json.dumps(config).encode()
+
+    # one that fails on ordinary text is refused at import
+    assert_error(api.post("/v1/checkpoints/import", files=import_parts(directory, tokenizer=splitting_on("(a+)+$"))),
+                 422, "tokenizer.json", "cannot encode")
+    imported = api.post("/v1/checkpoints/import", files=import_parts(directory, tokenizer=splitting_on("(b+)+$")))
+    assert imported.status_code == 201, imported.text
+    deploy(api, "fragile", imported.json()["id"])
+    hostile = "b" * 80 + "!"
+    assert_error(api.post("/v1/completions", json={"model": "fragile", "prompt": hostile, "max_tokens": 2}),
+                 400, "cannot encode")
+    assert_error(api.post("/tokenize", json={"model": "fragile", "prompt": hostile}), 400, "cannot encode")
+    assert api.post("/d/fragile/generate", json={"inputs": hostile}).status_code == 422
+    answer = api.post("/v1/completions", json={"model": "fragile", "prompt": "I had", "max_tokens": 2})
+    assert answer.status_code == 200, answer.text  # the deployment serves on

@@ -125,3 +125,22 @@ def test_a_corpus_tokenizes_to_the_same_ids_in_parts(backend, corpus, tmp_path):
     (tmp_path / "corpus.txt").write_text(corpus, encoding="utf-8")
     tokenize_to_memmap(tmp_path / "corpus.txt", tokenizer, tmp_path / "corpus.bin", chunk_chars=1000)
     assert open_tokens(tmp_path / "corpus.bin").tolist() == tokenizer.encode(corpus)
+
+
+@pytest.mark.parametrize("config, eos_id, message", [
+    ({"model": "x"}, 0, "no token"),
+    ({"model": None, "decoder": {"type": "Sequence", "decoders": "x"}}, 0, "no token"),
+    ({"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "x"}}, 0, "cannot encode"),  # no [UNK]
+    ({"model": {"type": "Unigram", "vocab": [["a", -1.0], ["b", -2.0]]}}, 5, "no token"),
+    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "zz"]]}}, 0, "zz"),
+])
+def test_a_tokenizer_json_the_library_cannot_run_is_a_value_error(config, eos_id, message):
+    with pytest.raises(ValueError, match=message):
+        imported_tokenizer(json.dumps(config), {"eos_token_id": eos_id})
+
+
+def test_a_unigram_vocabulary_names_its_end_of_text_token():
+    unigram = {"model": {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["</s>", 0.0], ["▁a", -1.0],
+                                                                   ["a", -2.0], ["▁", -3.0]]}}
+    tokenizer = imported_tokenizer(json.dumps(unigram), {"eos_token_id": 1})
+    assert tokenizer.eot_id == 1 and tokenizer.encode("a")
