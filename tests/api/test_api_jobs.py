@@ -8,8 +8,8 @@ from tests.helpers import assert_error, lenient, upload_corpus
 
 NANO_CONFIG = {"vocab_size": 50257, "context_length": 128, "n_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0,
                "qkv_bias": True, "bias": True, "layer_norm_eps": 1e-5,
-               "tie_embeddings": True, "position": "learned", "rope_theta": 10000.0, "norm": "layernorm",
-               "mlp": "gelu", "mlp_hidden": None, "n_kv_head": None, "qk_norm": False}
+               "tie_embeddings": True, "position": "learned", "rope_theta": 10000.0, "rope_scaling": None,
+               "norm": "layernorm", "mlp": "gelu", "mlp_hidden": None, "n_kv_head": None, "qk_norm": False}
 SMS = b"ham\thello there\nspam\twin a prize now\nham\tsee you soon\nspam\tfree money\n"
 INSTRUCTIONS = json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4).encode()
 
@@ -232,6 +232,11 @@ INVALID = [  # (id, changes to the README request, or a function of the fixture'
      ("grad_accum_steps (1) must be a multiple of the number of devices (2)",), None),
     ("no_devices", {"devices": 0}, ("devices: Input should be greater than or equal to 1",), "devices"),
     ("devices_by_name", {"devices": "all"}, ("devices",), "devices"),
+    ("nodes_not_dividing_the_accumulation", {"nodes": 2},
+     ("grad_accum_steps (1) must be a multiple of the number of devices (2)",), None),
+    ("nodes_with_devices_auto", {"nodes": 2, "devices": "auto"}, ("several nodes", "not auto"), None),
+    ("no_nodes", {"nodes": 0}, ("nodes: Input should be greater than or equal to 1",), "nodes"),
+    ("nodes_past_the_limit", {"nodes": 65}, ("nodes",), "nodes"),
 ]
 
 
