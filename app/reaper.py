@@ -23,9 +23,10 @@ def reap_once(database: Database, queue: JobQueue, settings: Settings) -> tuple[
     with database.session() as session:
         requeued = jobs.requeue_stale(session, settings.heartbeat_timeout_s, settings.max_attempts)
         resent = jobs.resend_unclaimed(session, settings.resend_queued_after_s)
+        parts = {job_id: jobs.parts(session, job_id) for job_id in requeued + resent}
     # a send that fails here leaves the job queued with a fresh sent_at: a later round sends it again
-    for job_id in requeued + resent:
-        queue.send(job_id)
+    for job_id, n in parts.items():
+        queue.send(job_id, n)
     return requeued, resent
 
 

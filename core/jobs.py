@@ -21,12 +21,13 @@ the clocks of the machines that stamp and judge them may disagree.
 from enum import StrEnum
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import database_now
 from core.enums import CorpusKind
 from core.errors import Conflict
-from core.tables import Job, JobEvent
+from core.tables import Job, JobEvent, JobPart
 
 
 class JobStatus(StrEnum):
@@ -215,3 +216,43 @@ def resend_unclaimed(session: Session, after_s: float) -> list[str]:
         _event(session, job_id, f"job still queued {after_s:g} s after it was sent; sent again", type_="resend",
                level="warning")
     return job_ids
+
+
+def nodes(spec: dict) -> int:
+    """The machines a job trains on (its spec's `nodes`): it is sent as one message, a part, for each."""
+    return spec.get("nodes", 1)
+
+
+def parts(session: Session, job_id: str) -> int:
+    return nodes(session.scalar(select(Job.spec).where(Job.id == job_id)) or {})
+
+
+def publish_rendezvous(session: Session, job_id: str, owner: str, rendezvous: str) -> bool:
+    """Part 0 of a job across several machines: say where the current attempt's ranks meet (host:port), while
+    owner holds the job's lease."""
+    job = session.get(Job, job_id)
+    if job is None or job.lease_owner != owner or job.status != JobStatus.RUNNING:
+        return False
+    session.add(JobPart(job_id=job_id, attempt=job.attempts, part=0, owner=owner, rendezvous=rendezvous))
+    return True
+
+
+def rendezvous_of(session: Session, job_id: str) -> tuple[str | None, int, str | None]:
+    """(the job's status, its attempt, where that attempt's ranks meet if part 0 said so yet)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None, 0, None
+    address = session.scalar(select(JobPart.rendezvous).where(JobPart.job_id == job_id, JobPart.part == 0,
+                                                              JobPart.attempt == job.attempts))
+    return job.status, job.attempts, address
+
+
+def take_part(session: Session, job_id: str, attempt: int, part: int, owner: str) -> bool:
+    """Take a part (> 0) of an attempt; False if another worker took it (a message delivered twice)."""
+    try:
+        with session.begin_nested():
+            session.add(JobPart(job_id=job_id, attempt=attempt, part=part, owner=owner))
+    except IntegrityError:
+        return False
+    _event(session, job_id, f"part {part} running on {owner}", type_="part", data={"part": part, "worker": owner})
+    return True

@@ -65,5 +65,7 @@ class JobQueue:
         self.celery = celery or make_celery(settings)
         self.queue = settings.training_queue
 
-    def send(self, job_id: str) -> None:
-        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue)
+    def send(self, job_id: str, parts: int = 1) -> None:
+        """One message per part: a job across several machines has a part for each (core.jobs.parts)."""
+        for part in range(parts):
+            self.celery.send_task(RUN_JOB_TASK, args=[job_id, part], queue=self.queue)

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     distributed_timeout_s: float = Field(600.0, gt=0, description=(
         "how long the ranks of a job on several devices wait for each other (a collective, rank 0 writing a "
         "checkpoint) before the job fails"))
+    node_address: str | None = Field(None, max_length=253, description=(
+        "the address the workers of other machines reach this one at: jobs across several machines (`nodes`) "
+        "meet at the worker that runs their part 0"))
+    distributed_interface: str | None = Field(None, max_length=15, description=(
+        "the network interface the ranks of a job across machines talk over (GLOO_SOCKET_IFNAME, "
+        "NCCL_SOCKET_IFNAME); default: the one the host name resolves to"))
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job silent this long is re-queued")
     max_attempts: int = Field(3, ge=1, description="a job starts at most this often: one whose worker went silent "

@@ -72,6 +72,21 @@ class Job(Base):
     events: Mapped[list["JobEvent"]] = relationship(back_populates="job", passive_deletes=True)
 
 
+class JobPart(Base):
+    """A worker's part of an attempt of a job across several machines (`nodes`): part 0 runs the job as one
+    worker runs any job and publishes where its ranks meet; each other part's worker runs its ranks there. The
+    key lets one worker alone take each part of an attempt."""
+
+    __tablename__ = "job_parts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    rendezvous: Mapped[str | None] = mapped_column(String(300))  # part 0's: host:port of torch.distributed's store
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
 

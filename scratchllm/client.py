@@ -109,7 +109,7 @@ def job_request(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             hyperparameters[field] = getattr(args, flag)
     for flag, field in (("type", "type"), ("corpus", "corpus_id"), ("base", "base_checkpoint_id"),
-                        ("name", "name"), ("devices", "devices"), ("seed", "seed")):
+                        ("name", "name"), ("devices", "devices"), ("nodes", "nodes"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             body[field] = getattr(args, flag)
     if args.preset is not None:
@@ -347,6 +347,7 @@ def add_commands(commands) -> None:
     start.add_argument("--learning-rate", type=float)
     start.add_argument("--grad-accum-steps", type=int)
     start.add_argument("--devices", type=lambda v: v if v == "auto" else int(v))
+    start.add_argument("--nodes", type=int, help="machines training the job together, --devices on each")
     start.add_argument("--seed", type=int)
     start.add_argument("--follow", action="store_true", help="show its progress until it ends")
     command(jobs, "follow", jobs_follow, "show a job's progress until it ends").add_argument("job_id")

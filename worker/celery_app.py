@@ -22,10 +22,15 @@ celery = make_celery(settings)
 
 
 @celery.task(name=RUN_JOB_TASK, bind=True)
-def run_job(self, job_id: str) -> None:
-    from worker.runner import run
+def run_job(self, job_id: str, part: int = 0) -> None:
+    """Run the job, or (part > 0) this machine's part of a job across several (core.jobs.nodes)."""
+    from worker.runner import run, run_part
 
-    run(settings, job_id, owner=f"{self.request.hostname}:{self.request.id}")
+    owner = f"{self.request.hostname}:{self.request.id}"
+    if part == 0:
+        run(settings, job_id, owner)
+    else:
+        run_part(settings, job_id, owner, part)
 
 
 @worker_ready.connect

@@ -50,23 +50,29 @@ def _outcome_file(settings: Settings, job_id: str, rank: int) -> Path:
     return settings.storage.job_work_dir(job_id) / f"rank-{rank}.json"
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
-def run_ranks(settings: Settings, job_id: str, owner: str, devices: list[str],
-              shutdown: threading.Event) -> RankOutcome:
-    """Train the job on one process per device and wait for them; the worker shutting down (shutdown) is
-    passed to rank 0, which stops every rank at a step boundary."""
-    for rank in range(len(devices)):
+def run_ranks(settings: Settings, job_id: str, owner: str, devices: list[str], shutdown: threading.Event, *,
+              first_rank: int = 0, world: int | None = None,
+              master: tuple[str, int] | None = None) -> RankOutcome | None:
+    """Train the job on one process per device, ranks first_rank on of world (default: these alone), meeting at
+    master (default: a free port here), and wait for them. The worker shutting down (shutdown) is passed to
+    rank 0, which stops every rank at a step boundary. Rank 0's outcome, or None for a part without it."""
+    here = range(first_rank, first_rank + len(devices))
+    for rank in here:
         _outcome_file(settings, job_id, rank).unlink(missing_ok=True)
-    port = _free_port()
+    address, port = master or ("127.0.0.1", free_port())
+    interface = {name: settings.distributed_interface for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+                 if settings.distributed_interface}
     ranks = []
-    for rank, device in enumerate(devices):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(devices)),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), DEVICE_ENV: device}
+    for local_rank, (rank, device) in enumerate(zip(here, devices, strict=True)):
+        env = {**os.environ, **interface, "RANK": str(rank), "LOCAL_RANK": str(local_rank),
+               "WORLD_SIZE": str(world or len(devices)), "MASTER_ADDR": address, "MASTER_PORT": str(port),
+               DEVICE_ENV: device}
         ranks.append(start_child([sys.executable, "-m", "worker.ranks", job_id, owner], signal.SIGKILL, env=env))
     passed_on = False
     try:
@@ -83,23 +89,25 @@ def run_ranks(settings: Settings, job_id: str, owner: str, devices: list[str],
             if process.poll() is None:
                 process.kill()
             process.wait()
-    return _outcome(settings, job_id, ended)
+    return _outcome(settings, job_id, dict(zip(here, ended, strict=True)), world or len(devices))
 
 
-def _outcome(settings: Settings, job_id: str, returncodes: list[int | None]) -> RankOutcome:
+def _outcome(settings: Settings, job_id: str, returncodes: dict[int, int | None], world: int) -> RankOutcome | None:
     reports = {}
-    for rank, code in enumerate(returncodes):
+    for rank, code in returncodes.items():
         path = _outcome_file(settings, job_id, rank)
         if path.is_file():
             reports[rank] = json.loads(path.read_text())
         elif code not in (None, 0):
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            raise RankDied(f"rank {rank} of {len(returncodes)} died ({how})")
+            raise RankDied(f"rank {rank} of {world} died ({how})")
     errors = [f"rank {rank}: {report['error']}" for rank, report in reports.items() if "error" in report]
     if errors:
         raise RankFailed("; ".join(errors))
+    if 0 not in returncodes:
+        return None
     if 0 not in reports:
-        raise RankDied(f"rank 0 of {len(returncodes)} ended without a result")
+        raise RankDied(f"rank 0 of {world} ended without a result")
     return RankOutcome(reports[0]["metrics"], reports[0]["step"], reports[0]["stop_reason"])
 
 

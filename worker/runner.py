@@ -4,6 +4,7 @@ state."""
 import logging
 import signal
 import threading
+import time
 
 from core import jobs
 from core.checkpoints import checkpoints_to_keep
@@ -14,11 +15,12 @@ from core.settings import Settings
 from core.tables import Job
 from worker.evaluation import evaluate
 from worker.handback import HAND_BACK_SIGNAL
-from worker.ranks import RankDied, run_ranks
+from worker.ranks import RankDied, RankFailed, free_port, run_ranks
 from worker.reporting import JobReporter, StopReason, retrying, stop_also_on
 from worker.training import job_devices, prepare_data, train_job, training_inputs
 
 log = logging.getLogger(__name__)
+PART_POLL_S = 0.5
 
 _databases: dict[str, Database] = {}
 
@@ -106,8 +108,9 @@ def run(settings: Settings, job_id: str, owner: str) -> None:
 def _hand_back(settings: Settings, database: Database, job_id: str, owner: str, message: str) -> None:
     with database.session() as session:
         handed_back = jobs.hand_back(session, job_id, owner, message)
+        parts = jobs.parts(session, job_id)
     if handed_back:
-        JobQueue(settings).send(job_id)
+        JobQueue(settings).send(job_id, parts)
 
 
 def _train(database: Database, settings: Settings, job: Job, reporter: JobReporter,
@@ -116,18 +119,71 @@ def _train(database: Database, settings: Settings, job: Job, reporter: JobReport
     (the final metrics, or None if stopped; the step)."""
     with database.session() as session:
         inputs = training_inputs(session, settings.storage, job)
-    devices = job_devices(job.spec, settings.worker_concurrency)
+    devices, nodes = job_devices(job.spec, settings.worker_concurrency), jobs.nodes(job.spec)
     if inputs.resume_id is not None:
         reporter.event("resume", f"resumed from the checkpoint at step {inputs.resume_step}",
                        {"checkpoint_id": inputs.resume_id, "step": inputs.resume_step})
-    if len(devices) == 1:
+    if len(devices) == 1 and nodes == 1:
         result = train_job(settings.storage, job, inputs, reporter, devices[0])
         if result.stopped_early:
             reporter.stopped_early(result.step, job.spec["hyperparameters"]["patience"])
         reporter.flush()
         return (result.metrics if result.status == "completed" else None), result.step
     prepare_data(job, settings.storage, inputs)  # once, before the ranks read it
-    reporter.event("devices", f"training on {len(devices)} devices: {', '.join(devices)}", {"devices": devices})
-    outcome = run_ranks(settings, job.id, reporter.owner, devices, shutdown)
+    if nodes == 1:
+        reporter.event("devices", f"training on {len(devices)} devices: {', '.join(devices)}", {"devices": devices})
+        outcome = run_ranks(settings, job.id, reporter.owner, devices, shutdown)
+    else:
+        outcome = run_ranks(settings, job.id, reporter.owner, devices, shutdown, world=nodes * len(devices),
+                            master=_rendezvous(database, settings, job.id, reporter, nodes, devices))
     reporter.stop_reason = outcome.stop_reason and StopReason(outcome.stop_reason)
     return outcome.metrics, outcome.step
+
+
+def _rendezvous(database: Database, settings: Settings, job_id: str, reporter: JobReporter, nodes: int,
+                devices: list[str]) -> tuple[str, int]:
+    """Part 0 of a job across machines: where its ranks and the other parts' meet, published for the parts."""
+    if not settings.node_address:
+        raise ValueError("a job on several nodes needs SCRATCHLLM_NODE_ADDRESS on its workers: the address the "
+                         "other machines reach this one at")
+    master = (settings.node_address, free_port(settings.node_address))
+    rendezvous = f"{master[0]}:{master[1]}"
+    with database.session() as session:
+        if not jobs.publish_rendezvous(session, job_id, reporter.owner, rendezvous):
+            raise ValueError("the job's lease was lost before its parts could meet")
+    reporter.event("devices", f"training on {nodes} nodes x {len(devices)} devices, meeting at {rendezvous}",
+                   {"nodes": nodes, "devices": devices, "rendezvous": rendezvous})
+    return master
+
+
+def run_part(settings: Settings, job_id: str, owner: str, part: int) -> None:
+    """A part (> 0) of a job across machines: wait for part 0 to say where the attempt's ranks meet, take the
+    part (one worker alone does), and run its ranks there. Part 0 speaks for the job: it reports, stops every
+    rank, and ends the job, also when a rank of this part dies."""
+    database = _database(settings)
+    deadline = time.monotonic() + settings.distributed_timeout_s
+    while True:
+        with database.session() as session:
+            status, attempt, rendezvous = jobs.rendezvous_of(session, job_id)
+        if status not in jobs.ACTIVE:
+            log.info("job %s is %s: part %d has nothing to run", job_id, status, part)
+            return
+        if rendezvous is not None:
+            break
+        if time.monotonic() > deadline:
+            log.warning("job %s: part 0 did not start within %.0f s; part %d gives up", job_id,
+                        settings.distributed_timeout_s, part)
+            return
+        time.sleep(PART_POLL_S)
+    with database.session() as session:
+        if not jobs.take_part(session, job_id, attempt, part, owner):
+            log.info("job %s: part %d of attempt %d is another worker's", job_id, part, attempt)
+            return
+        spec = session.get(Job, job_id).spec
+    devices = job_devices(spec, settings.worker_concurrency)
+    host, port = rendezvous.rsplit(":", 1)
+    try:
+        run_ranks(settings, job_id, owner, devices, threading.Event(), first_rank=part * len(devices),
+                  world=jobs.nodes(spec) * len(devices), master=(host, int(port)))
+    except (RankFailed, RankDied) as e:  # part 0's collectives fail too, and it ends the job
+        log.warning("job %s, part %d: %s", job_id, part, e)

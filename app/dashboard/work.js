@@ -32,6 +32,7 @@ export async function newRunPage() {
     checkpoint_interval: [optional("checkpoint interval", { min: 0 })],
     validation_fraction: [optional("validation fraction", { min: 0.01, max: 0.49, step: 0.01 })],
     devices: [input("devices", { type: "text", placeholder: "1, 2, … or auto", size: 8 })],
+    nodes: [optional("nodes", { min: 1, title: "machines training the run together, each with the devices above" })],
     seed: [optional("seed", { min: 0 })],
     keep_checkpoints: [optional("keep checkpoints", { min: 0, title: "the newest N and the best by validation loss; "
       + "0 keeps all" })],
@@ -58,7 +59,7 @@ export async function newRunPage() {
         ["learning_rate", "learning_rate"], ["warmup_steps", "warmup_steps"], ["eval_interval", "eval_interval"],
         ["checkpoint_interval", "checkpoint_interval"]]),
       ...numbers([["validation_fraction", "validation_fraction"], ["seed", "seed"],
-        ["keep_checkpoints", "keep_checkpoints"]]),
+        ["keep_checkpoints", "keep_checkpoints"], ["nodes", "nodes"]]),
       ...(devices ? { devices: devices === "auto" ? "auto" : Number(devices) } : {}) };
     if (type === "pretrain" && !value("base")) return { ...body, model: { preset: value("preset") } };
     body.base_checkpoint_id = value("base");

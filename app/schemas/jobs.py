@@ -137,10 +137,17 @@ class JobCreate(Strict):
         "devices share each step's grad_accum_steps micro-batches, so the global batch stays batch_size x "
         "grad_accum_steps"))
 
+    nodes: int = Field(1, ge=1, le=64, description=(
+        "machines training the job together (torch.distributed's rendezvous): a worker on each takes a part and "
+        "runs `devices` ranks of it; every worker needs SCRATCHLLM_NODE_ADDRESS and the same data folder "
+        "(docs/DEPLOY.md). The global batch stays batch_size x grad_accum_steps"))
+
     @model_validator(mode="after")
     def _devices_share_the_accumulation(self):
-        if self.devices != "auto":
-            micro_batches(0, self.hyperparameters.grad_accum_steps, 0, self.devices)  # its error names both
+        if self.nodes > 1 and self.devices == "auto":
+            raise ValueError("a job on several nodes gives its devices per node as a number, not auto")
+        if self.devices != "auto":  # its error names both
+            micro_batches(0, self.hyperparameters.grad_accum_steps, 0, self.devices * self.nodes)
         return self
 
     @model_validator(mode="after")

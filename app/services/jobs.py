@@ -164,7 +164,7 @@ def send_job(queue: JobQueue, session: Session, job: Job) -> None:
     """Send a committed job to the workers; if the broker does not take it, the job fails (it must not sit
     queued forever) and the request is answered Unavailable."""
     try:
-        queue.send(job.id)
+        queue.send(job.id, jobs.nodes(job.spec))
     except Exception as e:
         jobs.fail_unqueued(session, job.id, f"could not be queued: {e}")
         session.commit()

@@ -31,8 +31,9 @@ class Service:
         self.settings, self.env, self.client = settings, env, client
         self.workers: list[subprocess.Popen] = []
 
-    def start_worker(self) -> subprocess.Popen:
-        worker = subprocess.Popen([sys.executable, "-m", "scratchllm", "worker"], env=self.env,
+    def start_worker(self, prefix: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+        """A worker with the service's settings and env's on top; prefix: a command it runs under (ip netns exec)."""
+        worker = subprocess.Popen([*prefix, sys.executable, "-m", "scratchllm", "worker"], env={**self.env, **env},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.workers.append(worker)
         return worker
