@@ -234,8 +234,8 @@ class _Broker:
     def __init__(self):
         self.sent: list[str] = []
 
-    def send(self, job_id: str) -> None:
-        self.sent.append(job_id)
+    def send(self, job_id: str, parts: int = 1) -> None:
+        self.sent += [job_id] * parts
 
 
 def test_the_reaper_sends_again_a_job_whose_message_was_lost(database, tmp_path):
