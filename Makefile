@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests/unit
 	$(VENV)/bin/python -m pytest tests/api -m "not integration" -n 2 --dist worksteal
-	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration -n 3 --dist worksteal
+	$(VENV)/bin/python -m pytest tests/integration tests/api -m integration -n 3 --dist worksteal --durations=20
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_speed.py
