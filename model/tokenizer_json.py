@@ -85,8 +85,8 @@ def _without_prefix_space(config: dict) -> dict:
     return {**config, "normalizer": strip(normalizer), "pre_tokenizer": strip(config.get("pre_tokenizer"))}
 
 
-def _backend(config: dict, special_tokens_as_text: bool = False) -> tokenizers.Tokenizer:
-    backend = tokenizers.Tokenizer.from_str(json.dumps(config))
+def _backend(tokenizer_json: str, special_tokens_as_text: bool) -> tokenizers.Tokenizer:
+    backend = tokenizers.Tokenizer.from_str(tokenizer_json)
     backend.no_padding()
     backend.no_truncation()
     backend.encode_special_tokens = special_tokens_as_text
@@ -103,9 +103,9 @@ class JsonTokenizer(Tokenizer):
     def __init__(self, tokenizer_json: str, eos_token: str):
         try:
             config = json.loads(tokenizer_json)
-            # by whether special tokens' text is one id, and whether the text is a continuation
-            self._backends = {(special, first): _backend(config if first else _without_prefix_space(config),
-                                                         special_tokens_as_text=not special)
+            texts = {True: tokenizer_json, False: json.dumps(_without_prefix_space(config))}
+            # by whether special tokens' text is one id, and whether the text is a continuation's first part
+            self._backends = {(special, first): _backend(texts[first], special_tokens_as_text=not special)
                               for special in (True, False) for first in (True, False)}
             self._bytes = _token_bytes(self._backends[True, True], config)
         except BaseException as e:

@@ -18,7 +18,6 @@ import torch
 from core.enums import CheckpointTask
 from model import SamplingParams, StreamEvent
 from model.classification_data import pad_token_ids
-from model.tokenizer import TokenizerError
 from serving.deployments import DeploymentManager, Loaded
 from serving.engine import Engine, QueueFull
 from serving.engine import Request as EngineRequest
@@ -232,10 +231,7 @@ class EngineClient:
     async def encode(self, model: Model, text: str) -> list[int]:
         """The prompt's token ids; PromptTooLarge past the size limit."""
         self._check_size(text)
-        try:
-            return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
-        except TokenizerError as e:  # an imported tokenizer.json's own failure on this text
-            raise InvalidRequest(str(e)) from None
+        return await asyncio.to_thread(model.loaded.tokenizer.encode, text, allow_special=False)
 
     @staticmethod
     def check_fits(model: Model, prompt: list[int], room: int = 1) -> None:
@@ -289,10 +285,7 @@ class EngineClient:
 
         def run() -> Classified:
             try:
-                try:
-                    encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
-                except TokenizerError as e:
-                    raise InvalidRequest(str(e)) from None
+                encoded = loaded.tokenizer.encode_batch(texts, allow_special=False)
                 too_long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
                 if too_long is not None and not truncate:
                     raise PromptTooLong(len(encoded[too_long]), context, input_index=too_long)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.errors import APIError
 from app.protocols.failures import failure_of
 from core.enums import CheckpointTask
+from model.tokenizer import TokenizerError
 from serving.client import EngineClient, PromptTooLarge, PromptTooLong
 
 MAX_INPUTS = 256
@@ -36,7 +37,7 @@ async def classify(engines: EngineClient, body: ClassifyRequest) -> dict:
         if failure is None:
             raise
         raise APIError(failure.status or 422, failure.message,
-                       param="input" if isinstance(e, PromptTooLarge) else "model") from None
+                       param="input" if isinstance(e, PromptTooLarge | TokenizerError) else "model") from None
     labels = result.label_names
     return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
             "model": model.name, "data": [

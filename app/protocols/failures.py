@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
+from model.tokenizer import TokenizerError
 from serving.client import GenerationFailed, InvalidRequest, Overloaded, PromptTooLarge
 from serving.deployments import NotServing
 
@@ -37,6 +38,6 @@ def failure_of(error: Exception) -> Failure | None:
         return Failure(424, "generation", str(error))
     if isinstance(error, PromptTooLarge):
         return Failure(413, "validation", str(error))
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, InvalidRequest | TokenizerError):  # TokenizerError: an imported tokenizer's, on this text
         return Failure(None, "validation", str(error))
     return None
