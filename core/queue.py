@@ -68,4 +68,7 @@ class JobQueue:
     def send(self, job_id: str, parts: int = 1) -> None:
         """One message per part: a job across several machines has a part for each (core.jobs.parts)."""
         for part in range(parts):
-            self.celery.send_task(RUN_JOB_TASK, args=[job_id, part], queue=self.queue)
+            self.send_part(job_id, part)
+
+    def send_part(self, job_id: str, part: int) -> None:
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id, part], queue=self.queue)

@@ -158,8 +158,9 @@ def _rendezvous(database: Database, settings: Settings, job_id: str, reporter: J
 
 def run_part(settings: Settings, job_id: str, owner: str, part: int) -> None:
     """A part (> 0) of a job across machines: wait for part 0 to say where the attempt's ranks meet, take the
-    part (one worker alone does), and run its ranks there. Part 0 speaks for the job: it reports, stops every
-    rank, and ends the job, also when a rank of this part dies."""
+    part (one worker alone does), and run its ranks there. Until a worker has taken part 0, the part is sent
+    again rather than waited for here, so that a worker busy with it does not keep part 0 from starting. Part 0
+    speaks for the job: it reports, stops every rank, and ends the job, also when a rank of this part dies."""
     database = _database(settings)
     deadline = time.monotonic() + settings.distributed_timeout_s
     while True:
@@ -167,6 +168,10 @@ def run_part(settings: Settings, job_id: str, owner: str, part: int) -> None:
             status, attempt, rendezvous = jobs.rendezvous_of(session, job_id)
         if status not in jobs.ACTIVE:
             log.info("job %s is %s: part %d has nothing to run", job_id, status, part)
+            return
+        if status == JobStatus.QUEUED:  # part 0 not taken yet: free this slot for it (it may be this worker's)
+            time.sleep(PART_POLL_S)
+            JobQueue(settings).send_part(job_id, part)
             return
         if rendezvous is not None:
             break
